@@ -109,3 +109,61 @@ class DesiredState:
 
     def subscriptions_of(self, broker_id: int) -> tuple[SubscriptionConfig, ...]:
         return tuple(s for s in self.subscriptions if s.broker_id == broker_id)
+
+
+def _text(value) -> str | None:
+    return value or None
+
+
+def broker_from_row(row: dict) -> BrokerConfig:
+    """A :class:`BrokerConfig` from an ``mqtt_broker`` row (column name -> value)."""
+    will = None
+    if row.get("will_topic"):
+        will = WillConfig(
+            topic=row["will_topic"],
+            payload=(row.get("will_payload") or "").encode(),
+            qos=int(row.get("will_qos") or 0),
+            retain=bool(row.get("will_retain")),
+        )
+    return BrokerConfig(
+        id=row["id"],
+        name=row.get("name") or f"broker {row['id']}",
+        host=row.get("host") or "localhost",
+        port=int(row.get("port") or (8883 if row.get("tls") else 1883)),
+        transport=row.get("transport") or "tcp",
+        ws_path=row.get("ws_path") or "/mqtt",
+        tls=bool(row.get("tls")),
+        tls_insecure=bool(row.get("tls_insecure")),
+        tls_ca_cert=_text(row.get("tls_ca_cert")),
+        tls_client_cert=_text(row.get("tls_client_cert")),
+        tls_client_key=_text(row.get("tls_client_key")),
+        username=_text(row.get("username")),
+        password=_text(row.get("password")),
+        client_id=row.get("client_id") or "",
+        protocol=str(row.get("protocol") or "5"),
+        keepalive=int(row.get("keepalive") or 60),
+        clean_start=bool(row.get("clean_start")),
+        session_expiry=int(
+            DEFAULT_SESSION_EXPIRY if row.get("session_expiry") is None else row["session_expiry"]
+        ),
+        receive_maximum=int(row.get("receive_maximum") or DEFAULT_RECEIVE_MAXIMUM),
+        max_payload_size=int(row.get("max_payload_size") or DEFAULT_MAX_PAYLOAD),
+        will=will,
+        company_id=row.get("company_id"),
+    )
+
+
+def subscription_from_row(row: dict) -> SubscriptionConfig:
+    """A :class:`SubscriptionConfig` from an ``mqtt_subscription`` row."""
+    return SubscriptionConfig(
+        id=row["id"],
+        broker_id=row["broker_id"],
+        topic_filter=row["topic_filter"],
+        qos=int(row.get("qos") or 0),
+        no_local=bool(row.get("no_local")),
+        retain_as_published=bool(row.get("retain_as_published")),
+        retain_handling=int(row.get("retain_handling") or 0),
+        share_group=_text(row.get("share_group")),
+        dedup_mode=row.get("dedup_mode") or "none",
+        dedup_key=_text(row.get("dedup_key")),
+    )

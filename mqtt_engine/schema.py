@@ -72,6 +72,7 @@ BROKER = Table(
         "id": "id",
         "name": "char",
         "active": "boolean",
+        "enabled": "boolean",  # Start / Stop of this broker alone (False: stay disconnected)
         "company_id": "integer",
         "host": "char",
         "port": "integer",
