@@ -145,3 +145,7 @@ class Session(abc.ABC):
                 return True
             time.sleep(0.02)
         return self.status.state == CONNECTED
+
+
+TRANSIENT_PUBLISH_ERRORS = ("not connected", "connection lost before acknowledgement")
+"""``on_published`` errors that say nothing about the message: the outbox sends it again."""
