@@ -270,6 +270,11 @@ class StoreConnection(abc.ABC):
         self.rollback()
         return dict(rows)
 
+    def active_broker_ids(self) -> list[int]:
+        rows = self._execute("SELECT id FROM mqtt_broker WHERE active ORDER BY id")
+        self.rollback()
+        return [row[0] for row in rows]
+
     # -- actual state -----------------------------------------------------------------------
     def write_broker_states(self, states: list[dict]) -> None:
         """Upsert one ``mqtt_broker_state`` row per broker (keys: the table's columns)."""

@@ -1,0 +1,101 @@
+"""The outbox: publishing rows queued in the database, marked sent only when acknowledged.
+
+Odoo (or anyone) inserts a ``mqtt_publish_signal_history`` row with ``direction = 'out'`` and
+``state = 'queued'`` in its own transaction and sends ``NOTIFY mqtt_listener, 'outbox'``; NOTIFY
+is delivered at commit, so a rolled-back publish is never sent. The broker's writer thread then:
+
+- reads the due queued rows of its broker, oldest first, at most ``limit`` in flight;
+- publishes them (QoS 0, 1 or 2, retain, MQTT 5 properties);
+- marks a row *sent* on PUBACK (QoS 1) or PUBCOMP (QoS 2), or once written to the socket (QoS 0);
+- on a refusal by the broker (a reason code of 0x80 or above) marks it *failed* with the reason;
+- when the connection drops before the acknowledgement, leaves it queued: it is sent again
+  after the reconnect, and after a restart of the runner (at least once).
+
+A row whose topic is not a valid topic name is failed at once, with the reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import TYPE_CHECKING
+
+from .session import CONNECTED, TRANSIENT_PUBLISH_ERRORS, OutboundMessage
+from .store import StoreConnection
+from .topics import TopicError, validate_topic
+
+if TYPE_CHECKING:
+    from .ingest import BrokerPipeline
+
+POLL_INTERVAL = 5.0  # seconds between outbox reads when nobody sends a NOTIFY
+
+
+class Outbox:
+    """The outbox of one broker, driven by its writer thread (see the module docstring)."""
+
+    def __init__(self, pipeline: BrokerPipeline, limit: int = 100):
+        self.pipeline = pipeline
+        self.limit = limit
+        self.due = True
+        self.queued = 0
+        self.sent = 0
+        self.failed = 0
+        self._in_flight: set[int] = set()
+        self._completions: collections.deque[tuple[int, str | None]] = collections.deque()
+        self._last_poll = 0.0
+
+    def completed(self, token: int, error: str | None) -> None:
+        """From the network thread: a publish finished (error None: acknowledged)."""
+        self._completions.append((token, error))
+
+    def pump(self, connection: StoreConnection) -> None:
+        """Record finished publishes, then send what is due; runs on the writer thread."""
+        self._record_completions(connection)
+        session = self.pipeline.session
+        if session is None or session.status.state != CONNECTED:
+            return
+        now = time.monotonic()
+        if not self.due and now - self._last_poll < POLL_INTERVAL:
+            return
+        room = self.limit - len(self._in_flight)
+        if room <= 0:
+            return
+        self.due = False
+        self._last_poll = now
+        rows = connection.fetch_outbox(self.pipeline.broker.id, room, self._in_flight)
+        if len(rows) == room:
+            self.due = True  # more may wait: read again after this round
+        for row in rows:
+            try:
+                validate_topic(row.topic)
+            except TopicError as exc:
+                connection.mark_publish_failed(row.id, f"invalid topic: {exc}", None)
+                self.failed += 1
+                continue
+            self._in_flight.add(row.id)
+            session.publish(
+                OutboundMessage(
+                    token=row.id,
+                    topic=row.topic,
+                    payload=row.payload,
+                    qos=row.qos,
+                    retain=row.retain,
+                    properties=row.properties,
+                )
+            )
+
+    def _record_completions(self, connection: StoreConnection) -> None:
+        sent = []
+        while self._completions:
+            token, error = self._completions.popleft()
+            self._in_flight.discard(token)
+            if error is None:
+                sent.append(token)
+            elif error.startswith(TRANSIENT_PUBLISH_ERRORS):
+                self.due = True  # still queued: sent again once connected
+            else:
+                connection.mark_publish_failed(token, f"refused by the broker: {error}", None)
+                self.failed += 1
+        if sent:
+            connection.mark_sent(sent)
+            self.sent += len(sent)
