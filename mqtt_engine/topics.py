@@ -150,7 +150,7 @@ def validate_topic(topic: str) -> None:
 
     Wildcards are filter syntax (§4.7.1). Names starting with ``$`` are allowed (AWS IoT, for
     one, expects publishes to ``$aws/...``), except ``$share/``: that prefix means a shared
-    subscription, and no subscriber could receive a message published under it.
+    subscription, and brokers refuse such publishes (mosquitto 2 logs "Denied PUBLISH").
     """
     _check_string(topic, "topic name")
     if "+" in topic or "#" in topic:
