@@ -32,7 +32,7 @@ from . import payload as payload_tools
 from .config import BrokerConfig, SubscriptionConfig
 from .session import InboundMessage, Session
 from .store import Store, StoreConnection, StoredMessage, utc_from_timestamp
-from .topics import FilterSet
+from .topics import FilterSet, TopicError
 
 _logger = logging.getLogger(__name__)
 
@@ -131,7 +131,10 @@ class MessagePreparer:
     def set_subscriptions(self, subscriptions: tuple[SubscriptionConfig, ...]) -> None:
         matcher: FilterSet[SubscriptionConfig] = FilterSet()
         for subscription in subscriptions:
-            matcher.add(subscription.topic_filter, subscription)
+            try:
+                matcher.add(subscription.broker_filter, subscription)
+            except TopicError as exc:  # the broker refuses it too; its messages never come
+                _logger.warning("%s: subscription %s: %s", self.broker.name, subscription.id, exc)
         self.subscriptions = matcher  # one assignment: the writer sees old or new, whole
 
     def prepare(self, message: InboundMessage) -> StoredMessage:

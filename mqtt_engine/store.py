@@ -139,7 +139,7 @@ class StoreConnection(abc.ABC):
 
     # -- plumbing, per dialect -------------------------------------------------------------
     @abc.abstractmethod
-    def _execute(self, sql: str, params: Sequence = ()) -> list[tuple]:
+    def execute(self, sql: str, params: Sequence = ()) -> list[tuple]:
         """Run one statement in the current transaction; return its rows (if any)."""
 
     def commit(self) -> None:
@@ -172,11 +172,11 @@ class StoreConnection(abc.ABC):
 
     # -- desired state ---------------------------------------------------------------------
     def load_desired(self) -> DesiredState:
-        rows = self._execute("SELECT desired_state FROM mqtt_service ORDER BY id LIMIT 1")
+        rows = self.execute("SELECT desired_state FROM mqtt_service ORDER BY id LIMIT 1")
         running = not rows or (rows[0][0] or "running") == "running"
         brokers = tuple(
             broker_from_row(dict(zip(_BROKER_COLUMNS, row, strict=True)))
-            for row in self._execute(
+            for row in self.execute(
                 f"SELECT {', '.join(_BROKER_COLUMNS)} FROM mqtt_broker "
                 "WHERE active AND enabled ORDER BY id"
             )
@@ -184,7 +184,7 @@ class StoreConnection(abc.ABC):
         columns = ", ".join(f"s.{c}" for c in _SUBSCRIPTION_COLUMNS)
         subscriptions = tuple(
             subscription_from_row(dict(zip(_SUBSCRIPTION_COLUMNS, row, strict=True)))
-            for row in self._execute(
+            for row in self.execute(
                 f"SELECT {columns} FROM mqtt_subscription s "
                 "JOIN mqtt_broker b ON b.id = s.broker_id "
                 "WHERE s.active AND b.active ORDER BY s.id"
@@ -197,7 +197,7 @@ class StoreConnection(abc.ABC):
     def fetch_outbox(self, broker_id: int, limit: int, exclude: Iterable[int]) -> list[OutboxRow]:
         """Queued outbound rows of one broker that are due, oldest first."""
         excluded = set(exclude)
-        rows = self._execute(
+        rows = self.execute(
             "SELECT id, topic, payload, qos, retain, attempts, content_type, response_topic, "
             "correlation_data, message_expiry, payload_format FROM mqtt_publish_signal_history "
             "WHERE direction = 'out' AND state = 'queued' AND broker_id = %s "
@@ -209,7 +209,7 @@ class StoreConnection(abc.ABC):
         if rows:
             ids = [row[0] for row in rows]
             marks = ", ".join([self.placeholder] * len(ids))
-            for message_id, key, value in self._execute(
+            for message_id, key, value in self.execute(
                 "SELECT message_id, key, value FROM mqtt_user_property "
                 f"WHERE message_id IN ({marks}) ORDER BY message_id, sequence, id",
                 ids,
@@ -244,7 +244,7 @@ class StoreConnection(abc.ABC):
             return
         now = utcnow()
         marks = ", ".join([self.placeholder] * len(ids))
-        self._execute(
+        self.execute(
             "UPDATE mqtt_publish_signal_history SET state = 'sent', sent_at = %s, "
             "write_date = %s, error = NULL, attempts = COALESCE(attempts, 0) + 1 "
             f"WHERE id IN ({marks}) AND state = 'queued'",
@@ -254,7 +254,7 @@ class StoreConnection(abc.ABC):
 
     def mark_publish_failed(self, row_id: int, error: str, retry_at: dt.datetime | None) -> None:
         """Record a failed attempt: retried at ``retry_at``, or failed for good if None."""
-        self._execute(
+        self.execute(
             "UPDATE mqtt_publish_signal_history SET state = %s, error = %s, "
             "next_attempt_at = %s, write_date = %s, attempts = COALESCE(attempts, 0) + 1 "
             "WHERE id = %s AND state = 'queued'",
@@ -263,7 +263,7 @@ class StoreConnection(abc.ABC):
         self.commit()
 
     def count_queued(self) -> dict[int, int]:
-        rows = self._execute(
+        rows = self.execute(
             "SELECT broker_id, COUNT(*) FROM mqtt_publish_signal_history "
             "WHERE direction = 'out' AND state = 'queued' GROUP BY broker_id"
         )
@@ -271,7 +271,7 @@ class StoreConnection(abc.ABC):
         return dict(rows)
 
     def active_broker_ids(self) -> list[int]:
-        rows = self._execute("SELECT id FROM mqtt_broker WHERE active ORDER BY id")
+        rows = self.execute("SELECT id FROM mqtt_broker WHERE active ORDER BY id")
         self.rollback()
         return [row[0] for row in rows]
 
@@ -288,7 +288,7 @@ class StoreConnection(abc.ABC):
             f"ON CONFLICT (broker_id) DO UPDATE SET {updates}"
         )
         for state in states:
-            self._execute(sql, [state.get(c) for c in columns])
+            self.execute(sql, [state.get(c) for c in columns])
         self.commit()
 
     def clear_broker_states(self, keep: Iterable[int]) -> None:
@@ -296,9 +296,9 @@ class StoreConnection(abc.ABC):
         keep = list(keep)
         if keep:
             marks = ", ".join([self.placeholder] * len(keep))
-            self._execute(f"DELETE FROM mqtt_broker_state WHERE broker_id NOT IN ({marks})", keep)
+            self.execute(f"DELETE FROM mqtt_broker_state WHERE broker_id NOT IN ({marks})", keep)
         else:
-            self._execute("DELETE FROM mqtt_broker_state")
+            self.execute("DELETE FROM mqtt_broker_state")
         self.commit()
 
     def write_runner(self, runner: dict) -> None:
@@ -306,7 +306,7 @@ class StoreConnection(abc.ABC):
         columns = [c for c in schema.RUNNER.columns if c != "id" and c in runner]
         marks = ", ".join([self.placeholder] * len(columns))
         updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "name")
-        self._execute(
+        self.execute(
             f"INSERT INTO mqtt_runner ({', '.join(columns)}) VALUES ({marks}) "
             f"ON CONFLICT (name) DO UPDATE SET {updates}",
             [runner[c] for c in columns],
@@ -315,9 +315,9 @@ class StoreConnection(abc.ABC):
 
     def delete_runner(self, name: str, stale_before: dt.datetime | None = None) -> None:
         """Remove this runner's row, and rows of runners silent since ``stale_before``."""
-        self._execute("DELETE FROM mqtt_runner WHERE name = %s", (name,))
+        self.execute("DELETE FROM mqtt_runner WHERE name = %s", (name,))
         if stale_before is not None:
-            self._execute("DELETE FROM mqtt_runner WHERE heartbeat_at < %s", (stale_before,))
+            self.execute("DELETE FROM mqtt_runner WHERE heartbeat_at < %s", (stale_before,))
         self.commit()
 
 
@@ -383,7 +383,7 @@ class Store(abc.ABC):
         connection = self.connect()
         try:
             for statement in schema.create_statements(self.dialect):
-                connection._execute(statement)
+                connection.execute(statement)
             connection.commit()
         finally:
             connection.close()

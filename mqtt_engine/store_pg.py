@@ -48,7 +48,7 @@ def _database_name(dsn: str) -> str:
 
 
 class PostgresConnection(StoreConnection):
-    def _execute(self, sql: str, params: Sequence = ()) -> list[tuple]:
+    def execute(self, sql: str, params: Sequence = ()) -> list[tuple]:
         with self.raw.cursor() as cr:
             cr.execute(sql, tuple(params))
             return cr.fetchall() if cr.description else []

@@ -40,7 +40,7 @@ def _adapt(value):
 class SqliteConnection(StoreConnection):
     placeholder = "?"
 
-    def _execute(self, sql: str, params: Sequence = ()) -> list[tuple]:
+    def execute(self, sql: str, params: Sequence = ()) -> list[tuple]:
         cursor = self.raw.execute(sql.replace("%s", "?"), [_adapt(p) for p in params])
         return cursor.fetchall() if cursor.description else []
 
@@ -50,13 +50,13 @@ class SqliteConnection(StoreConnection):
         duplicates = 0
         for message in messages:
             if message.dedup_key is not None:
-                existing = self._execute(
+                existing = self.execute(
                     "SELECT id FROM mqtt_publish_signal_history "
                     "WHERE broker_id = ? AND dedup_key = ?",
                     (message.broker_id, message.dedup_key),
                 )
                 if existing:
-                    self._execute(
+                    self.execute(
                         "UPDATE mqtt_publish_signal_history SET redelivered = 1, "
                         "write_date = ? WHERE id = ?",
                         (now, existing[0][0]),

@@ -1,0 +1,116 @@
+"""Run the mqtt_listener addon's tests in a real Odoo 18, on a fresh database.
+
+Called by ``scripts/test`` with Odoo's own Python. Installs the addon on a new database with
+``--test-enable --test-tags /mqtt_listener``, then upgrades it (``-u``) once more, and prints
+the totals as ``N passed, N failed``. Fails when a test fails, when no test ran, or when Odoo
+logged an ERROR or a traceback. The database is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+TOTALS = re.compile(r"(\d+) failed, (\d+) error\(s\) of (\d+) tests")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pg_settings() -> dict[str, str]:
+    dsn = os.environ.get("MQTT_TEST_PG", "host=127.0.0.1 port=5432 user=root")
+    settings = dict(part.split("=", 1) for part in dsn.split())
+    return {
+        "host": settings.get("host", "127.0.0.1"),
+        "port": settings.get("port", "5432"),
+        "user": settings.get("user", "root"),
+    }
+
+
+def odoo(args: argparse.Namespace, database: str, *extra: str) -> tuple[int, str]:
+    pg = pg_settings()
+    command = [
+        sys.executable,
+        os.path.join(args.odoo_src, "odoo-bin"),
+        f"--addons-path={os.path.join(args.odoo_src, 'addons')},{args.addons}",
+        f"--db_host={pg['host']}",
+        f"--db_port={pg['port']}",
+        f"--db_user={pg['user']}",
+        "-d",
+        database,
+        f"--http-port={free_port()}",
+        "--stop-after-init",
+        "--without-demo=all",
+        *extra,
+    ]
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    log = result.stdout + result.stderr
+    print(
+        f"   odoo {' '.join(extra)}: exit {result.returncode} in {time.monotonic() - started:.0f}s"
+    )
+    return result.returncode, log
+
+
+def problems(log: str) -> list[str]:
+    lines = log.splitlines()
+    found = []
+    for index, line in enumerate(lines):
+        if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
+            found.append("\n".join(lines[index : index + 25]))
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--odoo-src", required=True)
+    parser.add_argument("--addons", required=True, help="the folder that holds mqtt_listener")
+    args = parser.parse_args()
+    database = f"mqtt_listener_test_{uuid.uuid4().hex[:8]}"
+    pg = pg_settings()
+    dropdb = ["dropdb", "-h", pg["host"], "-p", pg["port"], "-U", pg["user"], "--if-exists"]
+    print(f"==> Odoo tests of mqtt_listener on a fresh database {database}")
+    try:
+        code, log = odoo(
+            args,
+            database,
+            "-i",
+            "mqtt_listener",
+            "--test-enable",
+            "--test-tags",
+            "/mqtt_listener",
+            "--log-level=info",
+        )
+        totals = TOTALS.findall(log)
+        failed = errors = ran = 0
+        for f, e, n in totals:
+            failed, errors, ran = failed + int(f), errors + int(e), ran + int(n)
+        trouble = problems(log)
+        upgrade_code, upgrade_log = odoo(args, database, "-u", "mqtt_listener")
+        trouble += [f"(upgrade) {p}" for p in problems(upgrade_log)]
+    finally:
+        subprocess.run([*dropdb, database], check=False)
+    for block in trouble:
+        print(block, end="\n---\n")
+    print(f"{ran - failed - errors} passed, {failed + errors} failed")
+    if ran == 0:
+        print("FAILED: no Odoo test ran (the test count must be above zero)")
+        print("\n".join(log.splitlines()[-40:]))
+        return 1
+    if failed or errors or code or upgrade_code or trouble:
+        print("FAILED: see the Odoo log lines above")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
