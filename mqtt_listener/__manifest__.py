@@ -1,0 +1,33 @@
+# ruff: noqa: B018  (an Odoo manifest is one dict expression)
+{
+    "name": "MQTT Listener",
+    "summary": "Listen to MQTT brokers: every message stored durably, brokers and "
+    "subscriptions configured in Odoo, one listener per database in any topology",
+    "version": "18.0.1.0.0",
+    "category": "Technical",
+    "license": "LGPL-3",
+    "author": "mqtt_listener developers",
+    "website": "https://github.com/mqtt-listener/mqtt_listener",
+    "development_status": "Beta",
+    "maintainers": ["mqtt-listener"],
+    "depends": ["base", "web"],
+    "external_dependencies": {"python": ["paho-mqtt", "mqtt-engine"]},
+    "data": [
+        "security/mqtt_listener_security.xml",
+        "security/ir.model.access.csv",
+        "data/mqtt_service_data.xml",
+        "views/mqtt_broker_views.xml",
+        "views/mqtt_subscription_views.xml",
+        "views/mqtt_publish_signal_history_views.xml",
+        "views/mqtt_user_property_views.xml",
+        "views/mqtt_broker_state_views.xml",
+        "views/mqtt_runner_views.xml",
+        "views/mqtt_service_views.xml",
+        "views/mqtt_listener_menus.xml",
+    ],
+    "post_init_hook": "_post_init_hook",
+    "uninstall_hook": "_uninstall_hook",
+    "post_load": "_auto_start_mqtt",
+    "application": True,
+    "installable": True,
+}
