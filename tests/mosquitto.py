@@ -21,7 +21,11 @@ Options:
 - ``persistence``: keep ``mosquitto.db`` in the directory, so :meth:`restart` keeps sessions,
   subscriptions and queued messages. mosquitto writes it on a clean stop and every
   ``autosave_interval`` seconds (default 1800!), so :meth:`kill` loses what came since.
-- ``acl``: the text of an ACL file (``acl_file``).
+- ``acl``: the text of an ACL file (``acl_file``). mosquitto 2.0 grants every SUBSCRIBE under
+  an ACL file and only filters at delivery; to have a SUBSCRIBE refused (SUBACK 0x87 / 0x80),
+  use ``denied``.
+- ``denied``: topic filters anonymous clients may neither subscribe to nor publish to, enforced
+  by mosquitto's dynamic security plugin (not combined with ``users``).
 - ``extra``: config text appended as is.
 
 Settings that lose messages in a stock mosquitto 2.0, and what this config does about them:
@@ -49,6 +53,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -60,6 +65,11 @@ import threading
 import time
 
 MOSQUITTO = "/usr/sbin/mosquitto"
+DYNSEC_PLUGINS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
@@ -104,6 +114,7 @@ class Mosquitto:
         persistence: bool = False,
         autosave_interval: int | None = None,
         acl: str | None = None,
+        denied: tuple[str, ...] | list[str] = (),
         extra: str = "",
     ):
         self.directory = pathlib.Path(directory)
@@ -116,6 +127,7 @@ class Mosquitto:
         self.persistence = persistence
         self.autosave_interval = autosave_interval
         self.acl = acl
+        self.denied = tuple(denied)
         self.extra = extra
         self.port = free_port()
         self.tls_port = free_port() if tls else None
@@ -149,6 +161,8 @@ class Mosquitto:
             self._make_certificates()
         if self.acl is not None:
             (self.directory / "acl").write_text(self.acl)
+        if self.denied:
+            self._write_dynsec()
         self.config_path.write_text(self._config_text())
         self._prepared = True
 
@@ -168,6 +182,31 @@ class Mosquitto:
                 with path.open("a") as handle:
                     handle.write(password_line(user, password) + "\n")
         path.chmod(0o600)
+
+    def _write_dynsec(self) -> None:
+        """Dynamic security config: everything allowed but the ``denied`` filters."""
+        plugin = next((p for p in DYNSEC_PLUGINS if os.path.exists(p)), None)
+        if plugin is None:
+            raise RuntimeError(f"mosquitto's dynamic security plugin is not in {DYNSEC_PLUGINS}")
+        acls = [
+            {"acltype": kind, "topic": topic, "priority": 0, "allow": False}
+            for topic in self.denied
+            for kind in ("subscribePattern", "publishClientSend")
+        ]
+        settings = {
+            "defaultACLAccess": {
+                "publishClientSend": True,
+                "publishClientReceive": True,
+                "subscribe": True,
+                "unsubscribe": True,
+            },
+            "clients": [],
+            "roles": [{"rolename": "limited", "acls": acls}],
+            "groups": [{"groupname": "anonymous", "roles": [{"rolename": "limited"}]}],
+            "anonymousGroup": "anonymous",
+        }
+        (self.directory / "dynsec.json").write_text(json.dumps(settings, indent=1))
+        self._plugin = plugin
 
     def _openssl(self, *args: str) -> None:
         result = subprocess.run(
@@ -226,6 +265,8 @@ class Mosquitto:
             lines.append(f"password_file {d / 'passwords'}")
         if self.acl is not None:
             lines.append(f"acl_file {d / 'acl'}")
+        if self.denied:
+            lines += [f"plugin {self._plugin}", f"plugin_opt_config_file {d / 'dynsec.json'}"]
         if self.persistence:
             lines += ["persistence true", f"persistence_location {d}/"]
             if self.autosave_interval is not None:
