@@ -304,6 +304,7 @@ class BrokerPipeline:
 
     # -- the writer thread --------------------------------------------------------------------
     def _run(self) -> None:
+        threading.current_thread().dbname = self.store.name  # shown by Odoo's log format
         backoff = 0.5
         batch: list[InboundMessage] = []
         while not self._stop.is_set():

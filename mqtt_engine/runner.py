@@ -54,6 +54,11 @@ SessionFactory = Callable[..., Session]
 OnStored = Callable[[str, int, list[int]], None]  # database, broker id, new history row ids
 
 
+def label_thread(database: str) -> None:
+    """Name the database on the current thread: log formatters (Odoo's too) show ``dbname``."""
+    threading.current_thread().dbname = database
+
+
 def default_session_factory(broker: BrokerConfig, **kwargs) -> Session:
     from .paho_session import PahoSession
 
@@ -195,6 +200,7 @@ class DatabaseRunner(threading.Thread):
         self._lock.interrupt()
 
     def run(self) -> None:
+        label_thread(self.store.name)
         backoff = 1.0
         announced_standby = False
         while not self._stop_event.is_set():
