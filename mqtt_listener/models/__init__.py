@@ -1,4 +1,3 @@
-# ruff: noqa: F401  (imported for their side effect: each module registers its model)
 from . import (
     mqtt_broker,
     mqtt_broker_state,

@@ -11,8 +11,8 @@ import re
 from odoo import _, api, fields, models
 from odoo.exceptions import ValidationError
 
+from mqtt_engine import check, schema, topics
 from mqtt_engine import config as engine_config
-from mqtt_engine import schema
 
 from .mqtt_broker_state import BROKER_STATES
 from .tools import check_operation
@@ -233,11 +233,18 @@ class MqttBroker(models.Model):
     @api.constrains("will_topic")
     def _check_will_topic(self):
         for broker in self:
-            topic = broker.will_topic
-            if topic and ("+" in topic or "#" in topic):
+            if not broker.will_topic:
+                continue
+            try:
+                topics.validate_topic(broker.will_topic)
+            except topics.TopicError as error:
                 raise ValidationError(
-                    _("The will topic is a topic name: it cannot contain the wildcards + or #.")
-                )
+                    _(
+                        "Invalid will topic %(topic)r: %(error)s",
+                        topic=broker.will_topic,
+                        error=error,
+                    )
+                ) from error
 
     @api.onchange("tls")
     def _onchange_tls(self):
@@ -300,8 +307,6 @@ class MqttBroker(models.Model):
         """Connect once with a client id of its own and report each step in plain words."""
         self.ensure_one()
         check_operation(self, "write")
-        from mqtt_engine import check
-
         config = self._engine_config()
         client_id = (self.client_id or self._default_client_id()) + "-check"
         result = check.check_broker(config, client_id=client_id, timeout=10)

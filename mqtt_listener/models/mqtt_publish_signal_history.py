@@ -21,6 +21,8 @@ from datetime import timedelta
 from odoo import api, fields, models
 from odoo.tools.sql import create_index
 
+from mqtt_engine import payload as engine_payload
+
 _logger = logging.getLogger(__name__)
 
 HISTORY_DAYS_PARAM = "mqtt_listener.history_days"
@@ -131,15 +133,23 @@ class MqttPublishSignalHistory(models.Model):
 
     @api.depends("payload", "payload_preview", "payload_size")
     def _compute_payload_pretty(self):
-        from mqtt_engine import payload as engine_payload
-
         # the web client reads binary fields with bin_size (their size only): read the bytes
         for message, raw in zip(self, self.with_context(bin_size=False), strict=True):
-            text = message.payload_preview
-            if raw.payload and message.payload_size <= PRETTY_MAX_BYTES:
-                data = engine_payload.from_column(raw.payload)
-                text = engine_payload.pretty_json(data) or text
-            message.payload_pretty = text
+            message.payload_pretty = message._pretty_payload(raw.payload)
+
+    def _pretty_payload(self, column_value):
+        """Indented JSON when the payload is JSON, else the safe text preview."""
+        if not column_value:
+            return self.payload_preview or False
+        if self.payload_size > PRETTY_MAX_BYTES:
+            return self.payload_preview
+        try:
+            data = engine_payload.from_column(column_value)
+        except engine_payload.PayloadError as error:
+            return f"({error})"
+        return (
+            engine_payload.pretty_json(data) or self.payload_preview or engine_payload.preview(data)
+        )
 
     def _compute_payload_filename(self):
         for message in self:

@@ -9,6 +9,8 @@ the engine would log.
 from odoo import _, api, fields, models
 from odoo.exceptions import ValidationError
 
+from mqtt_engine import topics
+
 
 class MqttSubscription(models.Model):
     _name = "mqtt.subscription"
@@ -101,8 +103,6 @@ class MqttSubscription(models.Model):
 
     @api.constrains("topic_filter")
     def _check_topic_filter(self):
-        from mqtt_engine import topics
-
         for subscription in self:
             topic_filter = subscription.topic_filter or ""
             if topic_filter.startswith("$share/"):
@@ -130,10 +130,12 @@ class MqttSubscription(models.Model):
             group = subscription.share_group
             if not group:
                 continue
-            if any(char in group for char in "/+#"):
+            try:
+                topics.validate_share_group(group)
+            except topics.TopicError as error:
                 raise ValidationError(
-                    _("A shared group name cannot contain '/', '+' or '#': %(group)s", group=group)
-                )
+                    _("Invalid shared group %(group)r: %(error)s", group=group, error=error)
+                ) from error
             if subscription.no_local:
                 raise ValidationError(
                     _("No local cannot be set on a shared subscription (MQTT 5 forbids it).")

@@ -1,0 +1,1 @@
+from . import test_access, test_models, test_schema_contract
