@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import socket
 import ssl
-import threading
 import time
 
 from .config import BrokerConfig
@@ -100,11 +99,16 @@ def _check_mqtt(
     probe = dataclasses.replace(
         config, client_id=client_id, clean_start=True, session_expiry=0, will=None
     )
-    received = threading.Event()
+    broker_version: list[str] = []
+
+    def on_message(message) -> None:
+        if message.topic == "$SYS/broker/version":
+            broker_version.append(message.payload.decode("utf-8", "replace"))
+
     session = PahoSession(
         probe,
         client_id=client_id,
-        on_message=lambda message: received.set(),
+        on_message=on_message,
         reconnect_min=timeout,
         reconnect_max=timeout,
         auth_retry=timeout,
@@ -118,12 +122,15 @@ def _check_mqtt(
         if status.state != CONNECTED:
             report.add("MQTT", False, status.last_error or f"no CONNACK within {timeout:.0f}s")
             return
+        session.set_subscriptions([SubscriptionSpec("$SYS/broker/version", 0)])
         who = f"as {config.username!r}" if config.username else "anonymously"
         report.add(
             "MQTT", True, f"MQTT {'5' if config.is_v5 else '3.1.1'} connection accepted {who}"
         )
         if topic:
-            session.set_subscriptions([SubscriptionSpec(topic, 1)])
+            session.set_subscriptions(
+                [SubscriptionSpec("$SYS/broker/version", 0), SubscriptionSpec(topic, 1)]
+            )
             while time.monotonic() < deadline:
                 status = session.status
                 if topic in status.subscribed or topic in status.failed_subscriptions:
@@ -136,24 +143,27 @@ def _check_mqtt(
             else:
                 reason = status.failed_subscriptions.get(topic, f"no SUBACK within {timeout:.0f}s")
                 report.add("subscribe", False, f"{topic!r} refused: {reason}")
-        report.warnings.extend(_broker_warnings(session))
+        version_deadline = time.monotonic() + min(2.0, timeout)
+        while not broker_version and time.monotonic() < version_deadline:
+            time.sleep(0.05)  # a broker that publishes $SYS answers at once (retained)
+        report.warnings.extend(_broker_warnings(config, broker_version[:1]))
     finally:
         session.stop()
 
 
-def _broker_warnings(session) -> list[str]:
-    """What the CONNACK tells about settings that lose messages."""
+def _broker_warnings(config: BrokerConfig, version: list[str]) -> list[str]:
+    """Warnings about broker settings that lose messages, as far as we can tell."""
     warnings = []
-    expiry = getattr(session, "granted_session_expiry", None)
-    asked = session.config.session_expiry if hasattr(session, "config") else None
-    if expiry is not None and asked and expiry < asked:
+    if config.clean_start:
         warnings.append(
-            f"the broker shortens the session expiry to {expiry}s: messages sent while the "
-            "listener is away longer than that are lost"
+            "clean start is on: the broker forgets the session, and every message sent while "
+            "the listener is away, at each connection"
         )
-    warnings.append(
-        "if this is mosquitto: max_queued_messages (default 1000) drops QoS 1/2 messages for an "
-        "offline or slow listener beyond that count; set it to 0 (no limit) or large, and "
-        "'persistence true' so a broker restart keeps them"
-    )
+    name = version[0] if version else "the broker does not say which it is"
+    if not version or "mosquitto" in version[0].lower():
+        warnings.append(
+            f"{name}: mosquitto's max_queued_messages (default 1000) drops QoS 1/2 messages for "
+            "an offline or slow listener beyond that count; set it to 0 (no limit) or large, and "
+            "'persistence true' so that a broker restart keeps them"
+        )
     return warnings
