@@ -1,2 +1,2 @@
-from . import models
+from . import cli, models
 from .hooks import _auto_start_mqtt, _post_init_hook, _uninstall_hook

@@ -123,7 +123,7 @@ class MqttService(models.Model):
     def _notify_runner(self, what):
         """Wake this database's runner when the transaction commits.
 
-        ``what`` is ``config``, ``service``, ``outbox``, ``restart`` or ``restart:<broker id>``.
+        ``what`` is ``config``, ``service``, ``outbox`` or ``restart:<broker id>``.
         NOTIFY is transactional: a rolled-back change wakes nobody, and identical payloads of one
         transaction are delivered once.
         """
@@ -145,7 +145,9 @@ class MqttService(models.Model):
     def restart_mqtt_service(self):
         """Reconnect every broker of this database (and make sure the service runs)."""
         self._get_service()._set_desired_state("running")
-        self._notify_runner("restart")
+        # the whole service restarts: every broker of the database, whatever the user's company
+        for broker in self.env["mqtt.broker"].sudo().search([]):
+            self._notify_runner(f"restart:{broker.id}")
         return True
 
     def _set_desired_state(self, state):
