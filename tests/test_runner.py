@@ -100,8 +100,12 @@ def configure(store, broker_address, subscriptions, **broker):
     sync_to_store(store, {"broker": [{**values, "subscription": subscriptions}]})
 
 
-def rows(store, sql="SELECT topic, payload, state, error FROM mqtt_publish_signal_history "
-         "WHERE direction = 'in' ORDER BY id", params=()):
+def rows(
+    store,
+    sql="SELECT topic, payload, state, error FROM mqtt_publish_signal_history "
+    "WHERE direction = 'in' ORDER BY id",
+    params=(),
+):
     connection = store.connect()
     try:
         return connection.execute(sql, params)
@@ -165,9 +169,7 @@ def test_messages_are_stored_with_properties(
     user_properties = rows(
         store, "SELECT key, value FROM mqtt_user_property ORDER BY message_id, sequence"
     )
-    content_types = rows(
-        store, "SELECT content_type FROM mqtt_publish_signal_history ORDER BY id"
-    )
+    content_types = rows(store, "SELECT content_type FROM mqtt_publish_signal_history ORDER BY id")
     if protocol == "5":
         assert user_properties == [("site", "plant-1"), ("line", "3")]
         assert content_types == [("application/json",), (None,)]
@@ -192,8 +194,11 @@ def test_subscription_added_while_running_is_live(
     publisher.publish(f"{unique_topic}/b", b"live")
     wait_for(lambda: rows(store), 10, "the message on the new subscription")
     assert connection_before[0] == "connected"
-    execute(store, "UPDATE mqtt_subscription SET active = %s WHERE topic_filter = %s",
-            (False, f"{unique_topic}/a"))
+    execute(
+        store,
+        "UPDATE mqtt_subscription SET active = %s WHERE topic_filter = %s",
+        (False, f"{unique_topic}/a"),
+    )
     wait_for(lambda: not subscribed(store, f"{unique_topic}/a"), 10, "the unsubscription")
 
 
@@ -239,14 +244,16 @@ def test_outbox_publishes_and_marks_sent(store, runner, publisher, broker_addres
     assert sorted(m.payload for m in publisher.received) == [b"q0", b"q1", b"q2"]
     states = wait_for(
         lambda: (
-            found := rows(
-                store,
-                "SELECT topic, state, error FROM mqtt_publish_signal_history "
-                "WHERE direction = 'out' ORDER BY id",
+            (
+                found := rows(
+                    store,
+                    "SELECT topic, state, error FROM mqtt_publish_signal_history "
+                    "WHERE direction = 'out' ORDER BY id",
+                )
             )
-        )
-        and all(state != "queued" for _, state, _ in found)
-        and found,
+            and all(state != "queued" for _, state, _ in found)
+            and found
+        ),
         15,
         "every outbox row settled",
     )
@@ -260,7 +267,7 @@ def test_broker_row_and_runner_row_show_the_actual_state(
     configure(store, broker_address, [{"topic_filter": f"{unique_topic}/x", "qos": 2}])
     runner(store)
     wait_for(lambda: subscribed(store, f"{unique_topic}/x"), 15, "the subscription")
-    state, subscribed_text, _error = broker_state(store)
+    _state, subscribed_text, _error = broker_state(store)
     # QoS 2 subscriptions are asked of the broker at QoS 1 (see SubscriptionConfig.broker_qos).
     assert subscribed_text == f"{unique_topic}/x 1"
     (role,) = rows(store, "SELECT role FROM mqtt_runner")
@@ -297,3 +304,76 @@ def test_payloads_stored_byte_exact_at_qos0_and_json_dedup(
     ]
     assert "JSON" in found[2][3]
     assert json.loads(from_column(found[0][1])) == {"id": 1, "v": 1}
+
+
+def test_one_runner_serves_several_databases_and_brokers(
+    runner, publisher, broker_address, unique_topic, tmp_path, pg_database
+):
+    host, port = broker_address
+    stores = [open_store(pg_database), open_store(f"sqlite:///{tmp_path / 'second.sqlite3'}")]
+    for index, store in enumerate(stores):
+        store.create_schema()
+        sync_to_store(
+            store,
+            {
+                "broker": [
+                    {
+                        "name": f"b{n}",
+                        "host": host,
+                        "port": port,
+                        "client_id": f"engine-{uuid.uuid4().hex[:10]}",
+                        "subscription": [{"topic_filter": f"{unique_topic}/db{index}/b{n}"}],
+                    }
+                    for n in range(2)
+                ]
+            },
+        )
+    instance = Runner(stores, heartbeat=0.5)
+    instance.start()
+    try:
+        for index, store in enumerate(stores):
+            for n in range(2):
+                wait_for(
+                    lambda s=store, f=f"{unique_topic}/db{index}/b{n}": any(
+                        state == "connected" and f in (text or "")
+                        for state, text in rows(
+                            s, "SELECT state, subscribed FROM mqtt_broker_state"
+                        )
+                    ),
+                    15,
+                    f"database {index} broker {n}",
+                )
+                publisher.publish(f"{unique_topic}/db{index}/b{n}", f"{index}-{n}".encode())
+        for index, store in enumerate(stores):
+            found = wait_for(lambda s=store: len(rows(s)) == 2 and rows(s), 15, "two rows")
+            assert sorted(from_column(p) for _, p, _, _ in found) == [
+                f"{index}-0".encode(),
+                f"{index}-1".encode(),
+            ]
+        instance.forget(stores[1].name)
+        assert set(instance.databases) == {stores[0].name}
+    finally:
+        instance.stop()
+
+
+def test_a_second_runner_stands_by_and_takes_over(
+    runner, publisher, broker_address, unique_topic, pg_database
+):
+    store = open_store(pg_database)
+    store.create_schema()
+    configure(store, broker_address, [{"topic_filter": f"{unique_topic}/#"}])
+    first = Runner([store], heartbeat=0.5, lock_retry=0.5)
+    first.name = "first:1"
+    first.start()
+    wait_for(lambda: subscribed(store, f"{unique_topic}/#"), 15, "the first runner")
+    second = runner(store, lock_retry=0.5)
+    wait_for(
+        lambda: ("standby",) in rows(store, "SELECT role FROM mqtt_runner"), 10, "a standby row"
+    )
+    assert not second.is_active(store.name)
+    first.stop()
+    wait_for(lambda: second.is_active(store.name), 15, "the second runner to take over")
+    wait_for(lambda: subscribed(store, f"{unique_topic}/#"), 15, "the takeover subscription")
+    publisher.publish(f"{unique_topic}/after", b"after takeover")
+    found = wait_for(lambda: rows(store), 15, "the message after the takeover")
+    assert from_column(found[0][1]) == b"after takeover"
