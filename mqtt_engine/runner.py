@@ -363,6 +363,7 @@ class DatabaseRunner(threading.Thread):
         connection.write_broker_states(states)
         connection.clear_broker_states([*self.workers, *stopped_ids])
         connection.write_runner(self._runner_row("active"))
+        connection.claim_active(self.runner.name)
         stale = utc_from_timestamp(time.time() - max(60.0, 10 * self.runner.heartbeat))
         connection.delete_runner("", stale_before=stale)
         for broker_id, worker in self.workers.items():

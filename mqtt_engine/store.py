@@ -313,6 +313,11 @@ class StoreConnection(abc.ABC):
         )
         self.commit()
 
+    def claim_active(self, name: str) -> None:
+        """Drop other runners' "active" rows: we hold the lock, so they are dead."""
+        self.execute("DELETE FROM mqtt_runner WHERE role = 'active' AND name <> %s", (name,))
+        self.commit()
+
     def delete_runner(self, name: str, stale_before: dt.datetime | None = None) -> None:
         """Remove this runner's row, and rows of runners silent since ``stale_before``."""
         self.execute("DELETE FROM mqtt_runner WHERE name = %s", (name,))
