@@ -1,7 +1,7 @@
 """Who may do what: the access matrix over every model, credentials, and multi-company rules."""
 
 from odoo.exceptions import AccessError
-from odoo.tests import tagged
+from odoo.tests import Form, tagged
 
 from .common import MqttCase, has_model_access
 
@@ -175,6 +175,45 @@ class TestAccess(MqttCase):
             with self.subTest(role=role):
                 ids = menus.with_user(self.users[role])._visible_menu_ids()
                 self.assertEqual(root.id in ids, visible)
+
+    def test_views_for_each_role(self):
+        """Every view of the app opens for its readers, with the secrets left out."""
+        view_types = {
+            "mqtt.broker": ("list", "form", "search"),
+            "mqtt.subscription": ("list", "form", "search"),
+            "mqtt.service": ("form",),
+            "mqtt.runner": ("list", "form", "search"),
+            "mqtt.broker.state": ("list", "form"),
+            "mqtt.publish.signal.history": ("list", "form", "search", "pivot", "graph"),
+            "mqtt.user.property": ("list", "search"),
+        }
+        for role in ("mqtt_user", "mqtt_manager", "system"):
+            for model_name, types in view_types.items():
+                with self.subTest(role=role, model=model_name):
+                    model = self.env[model_name].with_user(self.users[role])
+                    views = model.get_views([(False, view_type) for view_type in types])
+                    self.assertEqual(set(views["views"]), set(types))
+                    if model_name == "mqtt.broker":
+                        arch = views["views"]["form"]["arch"]
+                        shown = 'name="password"' in arch
+                        self.assertEqual(shown, role == "system", f"password in {role}'s form")
+
+    def test_service_menu_opens_the_single_record(self):
+        action = self.env.ref("mqtt_listener.action_server_mqtt_service")
+        service = self.env.ref("mqtt_listener.mqtt_service_main")
+        result = action.with_user(self.users["mqtt_user"]).run()
+        self.assertEqual((result["res_model"], result["res_id"]), ("mqtt.service", service.id))
+
+    def test_manager_form_without_secrets(self):
+        """A manager fills the broker form (no credentials in it) and saves."""
+        with Form(self.env["mqtt.broker"].with_user(self.users["mqtt_manager"])) as form:
+            form.name = "From the form"
+            form.host = "broker.example.com"
+            form.tls = True
+            self.assertEqual(form.port, 8883, "TLS suggests the TLS port")
+        broker = form.save()
+        self.assertEqual(broker.sudo().port, 8883)
+        self.assertFalse(broker.sudo().password)
 
 
 @tagged("post_install", "-at_install")
