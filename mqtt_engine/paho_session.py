@@ -95,7 +95,7 @@ import itertools
 import logging
 import os
 import random
-import select
+import selectors
 import socket
 import ssl
 import tempfile
@@ -285,9 +285,9 @@ class PahoSession(Session):
         self._commands: collections.deque = collections.deque()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wake_r: socket.socket | None = None  # the network thread waits on it, others
+        self._wake_w: socket.socket | None = None  # write a byte to it (see _wake)
+        self._selector: selectors.BaseSelector | None = None
 
         # The network thread's own.
         self._client: mqtt.Client | None = None
@@ -320,6 +320,12 @@ class PahoSession(Session):
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping.clear()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        # selectors (epoll on Linux), not select(): an Odoo server may well use fds above 1024.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._label}", daemon=True)
         self._thread.start()
 
@@ -404,7 +410,7 @@ class PahoSession(Session):
         )
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
+        with contextlib.suppress(BlockingIOError, OSError, AttributeError):
             self._wake_w.send(b"\0")
 
     def _drain_wake(self) -> None:
@@ -466,6 +472,9 @@ class PahoSession(Session):
         finally:
             self._fail_commands()
             self._set_state(STOPPED, keep_error=True)
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
             self._logger.info("%s: stopped", self._label)
 
     def _next_delay(self, outcome: _Outcome) -> float:
@@ -495,8 +504,7 @@ class PahoSession(Session):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            with contextlib.suppress(OSError, ValueError):
-                select.select([self._wake_r], [], [], remaining)
+            self._selector.select(remaining)
             self._drain_wake()
 
     def _fail_commands(self) -> None:
@@ -683,28 +691,48 @@ class PahoSession(Session):
 
     def _serve(self, client: mqtt.Client, started: float) -> None:
         """Run one connection until it ends or stop() is called."""
+        sock = client.socket()
+        if sock is None:
+            return
+        selector = self._selector
+        events = selectors.EVENT_READ
+        selector.register(sock, events, sock)
+        try:
+            self._serve_socket(client, sock, started)
+        finally:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                selector.unregister(sock)
+
+    def _serve_socket(self, client: mqtt.Client, sock, started: float) -> None:
         connack_deadline = started + CONNACK_TIMEOUT
+        selector = self._selector
+        events = selectors.EVENT_READ
+        pending = getattr(sock, "pending", None)  # TLS: bytes decrypted but not yet read
         while True:
             if self._stopping.is_set():
                 self._disconnect(client)
                 return
             self._run_commands(client)
-            sock = client.socket()
-            if sock is None:
+            if client.socket() is not sock:
                 return
-            timeout = TICK
-            pending = getattr(sock, "pending", None)
-            if pending is not None and pending() > 0:
-                timeout = 0.0
-            wlist = [sock] if client.want_write() else []
+            timeout = 0.0 if pending is not None and pending() > 0 else TICK
+            wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)
+            if wanted != events:
+                selector.modify(sock, wanted, sock)
+                events = wanted
             try:
-                readable, writable, _ = select.select([sock, self._wake_r], wlist, [], timeout)
+                ready = selector.select(timeout)
             except (OSError, ValueError):
                 return
-            if self._wake_r in readable:
-                self._drain_wake()
+            readable = writable = False
+            for key, mask in ready:
+                if key.data is sock:
+                    readable = bool(mask & selectors.EVENT_READ)
+                    writable = bool(mask & selectors.EVENT_WRITE)
+                else:
+                    self._drain_wake()
             now = time.monotonic()
-            if sock in readable or timeout == 0.0:
+            if readable or timeout == 0.0:
                 self._last_rx = now
                 if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     return
@@ -714,7 +742,7 @@ class PahoSession(Session):
                 if client.socket() is None:
                     return
             if (
-                (sock in writable or client.want_write())
+                (writable or client.want_write())
                 and client.socket() is not None
                 and client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS
             ):
@@ -768,11 +796,10 @@ class PahoSession(Session):
         client.disconnect(reason)
         deadline = time.monotonic() + 1.0
         while client.socket() is not None and time.monotonic() < deadline:
-            sock = client.socket()
-            with contextlib.suppress(OSError, ValueError):
-                select.select([], [sock], [], 0.1)
             if client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
+            if client.socket() is not None:
+                time.sleep(0.01)  # the socket buffer is full: give the broker a moment
 
     def _close(self, client: mqtt.Client) -> None:
         sock = client.socket()

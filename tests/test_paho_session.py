@@ -502,7 +502,11 @@ def test_broker_refuses_a_subscription(protocol, mosquitto_factory, make_session
     broker = mosquitto_factory(denied=["denied/#"])
     session, rec = make_session(config(broker.port, protocol))
     session.set_subscriptions(
-        [SubscriptionSpec("allowed/#", qos=1), SubscriptionSpec("denied/#", qos=1)]
+        [
+            SubscriptionSpec("allowed/#", qos=1),
+            SubscriptionSpec("denied/#", qos=1),
+            SubscriptionSpec("bad/#/filter", qos=1),  # mosquitto would drop the connection
+        ]
     )
     connection = wait_for(lambda: session.wait_connected(5) and session.status.connection)
     status = wait_for(
@@ -510,6 +514,7 @@ def test_broker_refuses_a_subscription(protocol, mosquitto_factory, make_session
         message="refused subscription recorded",
     )
     assert status.failed_subscriptions["denied/#"].startswith("refused by the broker")
+    assert status.failed_subscriptions["bad/#/filter"].startswith("invalid filter")
     wait_for(lambda: "allowed/#" in session.status.subscribed, message="allowed subscription")
     assert "denied/#" not in session.status.subscribed
     assert session.status.state == CONNECTED and session.status.connection == connection
@@ -519,12 +524,20 @@ def test_broker_refuses_a_subscription(protocol, mosquitto_factory, make_session
         assert rec.published[1] == "Not authorized"
 
 
-def test_broker_restart_reconnects_and_resubscribes(mosquitto_factory, make_session):
+@PROTOCOLS
+def test_broker_restart_reconnects_resubscribes_and_redelivers(
+    protocol, mosquitto_factory, make_session
+):
     broker = mosquitto_factory(persistence=True)
-    session, rec = make_session(config(broker.port, "5"), reconnect_max=1.0)
+    session, rec = make_session(config(broker.port, protocol), reconnect_max=1.0)
     session.set_subscriptions([SubscriptionSpec("plant/#", qos=1)])
     connection = subscribed(session, "plant/#").connection
-    broker.restart()
+    pub = Publisher(broker.port)
+    pub.publish("plant/line1", b"before restart")
+    pub.close()
+    before = wait_for(lambda: rec.find(b"before restart"), message="message before restart")
+
+    broker.restart()  # SIGTERM: mosquitto saves the session with the unacknowledged message
     back = time.monotonic()
     wait_for(
         lambda: session.status.connection > connection and session.status.state == CONNECTED,
@@ -533,6 +546,14 @@ def test_broker_restart_reconnects_and_resubscribes(mosquitto_factory, make_sess
     )
     assert time.monotonic() - back < 3.0
     assert any(s.state == DISCONNECTED and "connection lost" in s.last_error for s in rec.states)
+    again = wait_for(
+        lambda: next((m for m in rec.messages if m.dup and m.payload == b"before restart"), None),
+        message="redelivery after the restart",
+    )
+    assert again.connection == session.status.connection != before.connection
+    assert session.ack([before]) == 0  # its packet id belongs to the old connection
+    assert session.ack([again]) == 1
+
     subscribed(session, "plant/#")
     pub = Publisher(broker.port)
     try:
