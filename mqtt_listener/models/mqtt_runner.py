@@ -17,6 +17,8 @@ RUNNER_MODES = [
     ("prefork", "Prefork worker"),
     ("standalone", "Standalone command"),
     ("engine", "Engine (no Odoo)"),
+    ("test", "Test run"),
+    ("bench", "Benchmark"),
 ]
 
 
