@@ -8,11 +8,11 @@ readable and writable by ``base.group_system`` only and never logged.
 
 import re
 
-from odoo import _, api, fields, models
-from odoo.exceptions import ValidationError
-
 from mqtt_engine import check, schema, topics
 from mqtt_engine import config as engine_config
+
+from odoo import _, api, fields, models
+from odoo.exceptions import ValidationError
 
 from .mqtt_broker_state import BROKER_STATES
 from .tools import check_operation
@@ -265,6 +265,10 @@ class MqttBroker(models.Model):
 
     def write(self, vals):
         result = super().write(vals)
+        if "client_id" in vals and not vals["client_id"]:
+            # never empty: the session the broker keeps for us is keyed by this id
+            for broker in self:
+                broker.client_id = broker._default_client_id()
         self.env["mqtt.service"]._notify_runner("config")
         return result
 

@@ -7,10 +7,10 @@ writes back what it actually does: its heartbeat in ``mqtt_runner`` and each bro
 so a runner never acts on a change that is rolled back.
 """
 
+from mqtt_engine import schema
+
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError
-
-from mqtt_engine import schema
 
 from .mqtt_runner import HEARTBEAT_TIMEOUT, RUNNER_MODES
 from .tools import check_operation
@@ -48,7 +48,7 @@ class MqttService(models.Model):
     last_error = fields.Text(compute="_compute_status")
     status_hint = fields.Text(string="Hint", compute="_compute_status")
 
-    @api.depends_context("uid")
+    @api.depends_context("uid", "allowed_company_ids")
     def _compute_status(self):
         runners = self.env["mqtt.runner"]
         fresh = runners.search(runners._fresh_domain(), order="heartbeat_at desc")

@@ -16,14 +16,15 @@ import types
 from datetime import timedelta
 
 import psycopg2
-from odoo import SUPERUSER_ID, api, fields, sql_db
-from odoo.exceptions import UserError, ValidationError
-from odoo.tests import tagged
-from odoo.tools import mute_logger
 from psycopg2.extensions import ISOLATION_LEVEL_AUTOCOMMIT
 
 from mqtt_engine import config as engine_config
 from mqtt_engine import schema, topics
+
+from odoo import SUPERUSER_ID, api, fields, sql_db, tools
+from odoo.exceptions import UserError, ValidationError
+from odoo.tests import tagged
+from odoo.tools import mute_logger
 
 from .. import hooks
 from .common import CLOSED_PORT, MqttCase
@@ -97,6 +98,23 @@ class TestBroker(MqttCase):
         self.assertNotEqual(copy.client_id, broker.client_id, "a copy never shares the id")
         chosen = self.create_broker(client_id="my-own-id")
         self.assertEqual(chosen.client_id, "my-own-id")
+        chosen.client_id = False
+        self.assertEqual(
+            chosen.client_id,
+            engine_config.BrokerConfig(id=chosen.id).effective_client_id(scope),
+            "an emptied client id is generated again",
+        )
+
+    def test_neutralize(self):
+        """A neutralized copy stops listening and never reuses production's client ids."""
+        before = self.broker.client_id
+        with tools.file_open("mqtt_listener/data/neutralize.sql") as sql:
+            self.env.cr.execute(sql.read())
+        self.env.invalidate_all()
+        self.assertFalse(self.broker.enabled)
+        self.assertRegex(self.broker.client_id, r"^mqtt-listener-[0-9a-f]{12}$")
+        self.assertNotEqual(self.broker.client_id, before)
+        self.assertEqual(self.env["mqtt.service"]._get_service().desired_state, "stopped")
 
     def test_number_constraints(self):
         cases = [
