@@ -20,13 +20,14 @@ import logging
 import threading
 
 import psycopg2
-from odoo import sql_db
-from odoo.service import db as db_service
-from odoo.tools import config
 from psycopg2.extensions import make_dsn
 
 from mqtt_engine.runner import Runner
 from mqtt_engine.store_pg import KEEPALIVES, PostgresStore
+
+from odoo import sql_db
+from odoo.service import db as db_service
+from odoo.tools import config
 
 _logger = logging.getLogger("odoo.addons.mqtt_listener")
 runner_logger = logging.getLogger("odoo.addons.mqtt_listener.runner")

@@ -22,7 +22,9 @@ from mqtt_engine.runner import Runner
 from mqtt_engine.store_pg import PostgresStore
 
 from odoo import SUPERUSER_ID, api
+from odoo.modules.registry import Registry
 from odoo.tests import BaseCase, tagged
+from odoo.tests.common import get_db_name
 
 from odoo.addons.mqtt_listener.server.supervisor import database_dsn
 
@@ -36,10 +38,6 @@ class TestEndToEnd(BaseCase):
 
     def setUp(self):
         super().setUp()
-        from odoo.tests.common import get_db_name  # noqa: PLC0415
-
-        from odoo.modules.registry import Registry  # noqa: PLC0415
-
         self.dbname = get_db_name()
         self.registry = Registry(self.dbname)
         self.topic = f"odoo-e2e/{uuid.uuid4().hex[:10]}"
