@@ -192,6 +192,7 @@ class DatabaseRunner(threading.Thread):
         self._stop_event = threading.Event()
         self._lock = store.lock()
         self._restart: set[int] = set()
+        self._served = False  # reconciled and wrote a heartbeat since the last failure
         self._poll_interval = getattr(store, "poll_interval", runner.poll_interval)
 
     # -- life ---------------------------------------------------------------------------------
@@ -222,6 +223,9 @@ class DatabaseRunner(threading.Thread):
                 self._serve(connection)
                 backoff = 1.0
             except Exception as exc:  # the loop must not die: log, back off, go round again
+                if self._served:  # a new outage after a healthy spell, not a repeated failure
+                    backoff = 1.0
+                    self._served = False
                 self.last_error = str(exc).strip() or type(exc).__name__
                 self.logger.warning(
                     "database %s: %s; brokers stopped, retrying in %.1fs",
@@ -280,6 +284,7 @@ class DatabaseRunner(threading.Thread):
         )
         last_read = last_beat = 0.0
         self._heartbeat(connection)
+        self._served = True
         while not self._stop_event.is_set():
             now = time.monotonic()
             timeout = min(
