@@ -180,9 +180,7 @@ class MqttBroker(models.Model):
     def _check_session_numbers(self):
         for broker in self:
             if not 0 <= broker.keepalive <= 65535:
-                raise ValidationError(
-                    _("The keepalive must be between 0 and 65535 seconds (0: no keep-alive).")
-                )
+                raise ValidationError(_("The keepalive must be between 0 and 65535 seconds."))
             if broker.session_expiry < 0:
                 raise ValidationError(
                     _("The session expiry is a number of seconds: it cannot be negative.")
@@ -280,8 +278,9 @@ class MqttBroker(models.Model):
     def _default_client_id(self):
         """``mqtt-listener-<12 hex>``, derived from the database uuid and the broker id.
 
-        The same rule as :meth:`mqtt_engine.config.BrokerConfig.effective_client_id`, so a row
-        the engine reads without a client id gets the id this record would have got.
+        The rule of :meth:`mqtt_engine.config.BrokerConfig.effective_client_id`, scoped by the
+        database uuid (unique per database, unlike its name). The addon stores it at create and
+        never leaves the column empty, so the engine never has to derive one.
         """
         self.ensure_one()
         scope = self.env["ir.config_parameter"].sudo().get_param("database.uuid")
@@ -313,7 +312,10 @@ class MqttBroker(models.Model):
         check_operation(self, "write")
         config = self._engine_config()
         client_id = (self.client_id or self._default_client_id()) + "-check"
-        result = check.check_broker(config, client_id=client_id, timeout=10)
+        # subscribe to a plain filter of the broker (never a shared one: the check client would
+        # take its share of the group's messages)
+        topic = self.subscription_ids[:1].topic_filter or None
+        result = check.check_broker(config, client_id=client_id, topic=topic, timeout=10)
         if result.ok:
             title = _("Connection to %s works", self.name)
         else:

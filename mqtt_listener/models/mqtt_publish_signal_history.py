@@ -18,10 +18,10 @@ deleting it would lose it.
 import logging
 from datetime import timedelta
 
+from mqtt_engine import payload as engine_payload
+
 from odoo import api, fields, models
 from odoo.tools.sql import create_index
-
-from mqtt_engine import payload as engine_payload
 
 _logger = logging.getLogger(__name__)
 

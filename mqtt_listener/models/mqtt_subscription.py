@@ -6,10 +6,10 @@ engine's own rules (:func:`mqtt_engine.topics.validate_filter`), so the form sho
 the engine would log.
 """
 
+from mqtt_engine import topics
+
 from odoo import _, api, fields, models
 from odoo.exceptions import ValidationError
-
-from mqtt_engine import topics
 
 
 class MqttSubscription(models.Model):

@@ -17,9 +17,9 @@ import base64
 import hashlib
 import uuid
 
-from odoo.tests import TransactionCase
-
 from mqtt_engine import payload as engine_payload
+
+from odoo.tests import TransactionCase
 
 CLOSED_PORT = 9
 """A local port nothing listens on (discard): connecting fails at once, nothing is sent."""

@@ -240,6 +240,7 @@ class TestBroker(MqttCase):
             with open(log_path) as log:
                 log_text = log.read()
         self.assertEqual(action["params"]["type"], "success", action["params"]["message"])
+        self.assertIn("subscribe: 'test/#' granted", action["params"]["message"])
         self.assertIn(f"{self.broker.client_id}-check", log_text)
         self.assertNotRegex(log_text, rf"\b{re.escape(self.broker.client_id)}\b(?!-check)")
 

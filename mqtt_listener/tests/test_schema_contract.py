@@ -4,9 +4,9 @@
 either side fails here instead of in production.
 """
 
-from odoo.tests import TransactionCase, tagged
-
 from mqtt_engine import schema
+
+from odoo.tests import TransactionCase, tagged
 
 
 @tagged("post_install", "-at_install")
