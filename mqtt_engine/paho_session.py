@@ -285,6 +285,7 @@ class PahoSession(Session):
         self._commands: collections.deque = collections.deque()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._running = False  # the network thread answers queued commands
         self._wake_r: socket.socket | None = None  # the network thread waits on it, others
         self._wake_w: socket.socket | None = None  # write a byte to it (see _wake)
         self._selector: selectors.BaseSelector | None = None
@@ -327,6 +328,8 @@ class PahoSession(Session):
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._label}", daemon=True)
+        with self._lock:
+            self._running = True
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -389,11 +392,19 @@ class PahoSession(Session):
         return count
 
     def publish(self, message: OutboundMessage) -> None:
-        """Queue a publish; ``on_published`` reports its outcome from the network thread."""
-        self._commands.append((_PUBLISH, message))
-        self._wake()
-        if self._thread is None or not self._thread.is_alive():
-            self._fail_commands()  # no network thread to answer: not started or stopped
+        """Queue a publish; ``on_published`` reports its outcome from the network thread.
+
+        On a session that is not running (never started, or stopped) the answer, "not
+        connected", comes at once on the caller's thread: there is no network thread to give it.
+        """
+        with self._lock:
+            running = self._running
+            if running:
+                self._commands.append((_PUBLISH, message))
+        if running:
+            self._wake()
+        else:  # not started, or stopped: nobody else would answer
+            self._report(message.token, NOT_CONNECTED)
 
     @property
     def status(self) -> SessionStatus:
@@ -470,6 +481,8 @@ class PahoSession(Session):
                     break
                 self._idle(self._next_delay(outcome))
         finally:
+            with self._lock:
+                self._running = False  # from here on publish() answers by itself
             self._fail_commands()
             self._set_state(STOPPED, keep_error=True)
             self._selector.close()

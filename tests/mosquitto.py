@@ -45,7 +45,11 @@ Settings that lose messages in a stock mosquitto 2.0, and what this config does 
 - ``persistent_client_expiration`` (default never) and a client's MQTT 5 session expiry decide
   when an offline session, and all it has queued, is thrown away.
 
-Never sleep-and-hope: :meth:`start` polls the ports with a deadline and fails with the log tail.
+Methods: :meth:`start` (polls the ports with a deadline and fails with the log tail, never
+sleep-and-hope), :meth:`stop` (SIGTERM), :meth:`kill` (SIGKILL, a crash), :meth:`restart` (on the
+same ports), :meth:`pause` / :meth:`resume` (SIGSTOP / SIGCONT: a half-open connection) and
+:meth:`log_text`. The readiness probe of :meth:`start` shows in the log as a "New connection" that
+closes at once (on a TLS port also as an SSL error); count "New client connected" or refusals.
 """
 
 from __future__ import annotations
