@@ -93,12 +93,10 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
 import random
 import selectors
 import socket
 import ssl
-import tempfile
 import threading
 import time
 
@@ -128,6 +126,7 @@ from .session import (
     SessionStatus,
     SubscriptionSpec,
 )
+from .tls import TlsSettingsError, client_context, ssl_reason
 from .topics import TopicError, validate_filter
 
 _logger = logging.getLogger(__name__)
@@ -565,36 +564,11 @@ class PahoSession(Session):
         return client
 
     def _make_ssl_context(self) -> ssl.SSLContext:
-        """TLS settings from PEM text; the client key touches the disk only while loaded."""
-        c = self.config
+        """TLS settings from PEM text (see :mod:`.tls`)."""
         try:
-            context = ssl.create_default_context(
-                ssl.Purpose.SERVER_AUTH, cadata=c.tls_ca_cert or None
-            )
-        except (ssl.SSLError, ValueError) as exc:
-            raise _ConfigError(
-                f"TLS: the CA certificate cannot be read: {_ssl_reason(exc)}"
-            ) from None
-        if c.tls_insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if c.tls_client_cert:
-            with tempfile.TemporaryDirectory(prefix="mqtt-tls-") as directory:
-                certfile = os.path.join(directory, "client.crt")
-                keyfile = os.path.join(directory, "client.key") if c.tls_client_key else None
-                for path, text in ((certfile, c.tls_client_cert), (keyfile, c.tls_client_key)):
-                    if path is not None:
-                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                        with os.fdopen(fd, "w") as handle:
-                            handle.write(text)
-                try:
-                    context.load_cert_chain(certfile, keyfile)
-                except (ssl.SSLError, ValueError, OSError) as exc:
-                    raise _ConfigError(
-                        "TLS: the client certificate or key cannot be loaded (not PEM, not a "
-                        f"matching pair, or an encrypted key): {_ssl_reason(exc)}"
-                    ) from None
-        return context
+            return client_context(self.config)
+        except TlsSettingsError as exc:
+            raise _ConfigError(str(exc)) from None
 
     def _connect_once(self) -> _Outcome:
         c = self.config
@@ -663,11 +637,11 @@ class PahoSession(Session):
         if isinstance(exc, ssl.SSLCertVerificationError):
             return ERROR, (
                 f"TLS: the certificate of {where} is not trusted: "
-                f"{exc.verify_message or _ssl_reason(exc)} (give the CA certificate that "
+                f"{exc.verify_message or ssl_reason(exc)} (give the CA certificate that "
                 "signed it, or switch on tls_insecure to skip the check)"
             )
         if isinstance(exc, ssl.SSLError):
-            return ERROR, f"TLS handshake with {where} failed: {_ssl_reason(exc)}"
+            return ERROR, f"TLS handshake with {where} failed: {ssl_reason(exc)}"
         if isinstance(exc, socket.gaierror):
             return ERROR, f"cannot resolve host name {c.host!r}: {exc.strerror or exc}"
         if isinstance(exc, mqtt.WebsocketConnectionError):
@@ -1034,14 +1008,3 @@ class _ConfigError(Exception):
 
 def _ignore(*args) -> None:
     return None
-
-
-def _ssl_reason(exc: BaseException) -> str:
-    """The readable part of an ssl error ("certificate verify failed: ..." or the reason)."""
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return exc.verify_message
-    reason = getattr(exc, "reason", None)
-    text = str(exc)
-    if reason and text.startswith("["):
-        return f"{reason.replace('_', ' ').lower()} ({text})"
-    return text
