@@ -141,7 +141,7 @@ def broker_from_row(row: dict) -> BrokerConfig:
         password=_text(row.get("password")),
         client_id=row.get("client_id") or "",
         protocol=str(row.get("protocol") or "5"),
-        keepalive=int(row.get("keepalive") or 60),
+        keepalive=int(60 if row.get("keepalive") is None else row["keepalive"]),  # 0: none
         clean_start=bool(row.get("clean_start")),
         session_expiry=int(
             DEFAULT_SESSION_EXPIRY if row.get("session_expiry") is None else row["session_expiry"]

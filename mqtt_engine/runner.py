@@ -14,8 +14,8 @@ runs a control thread (:class:`DatabaseRunner`) that:
   live (no reconnect), a broker whose connection settings changed reconnected, everything
   stopped when the service is switched off;
 * wakes on ``NOTIFY mqtt_listener`` (payloads ``config``, ``service``, ``outbox``,
-  ``restart:<broker id>``) and otherwise re-reads every ``poll_interval`` seconds (30 for
-  PostgreSQL, 2 for SQLite, which has no NOTIFY);
+  ``restart`` for every broker, ``restart:<broker id>`` for one) and otherwise re-reads
+  every ``poll_interval`` seconds (30 for PostgreSQL, 2 for SQLite, which has no NOTIFY);
 * writes the actual state every ``heartbeat`` seconds (5): its own ``mqtt_runner`` row (host,
   pid, mode, active or standby) and one ``mqtt_broker_state`` row per broker (connected or not,
   since when, counts, rates, backlog, subscribed filters, last error).
@@ -297,6 +297,9 @@ class DatabaseRunner(threading.Thread):
                 if payload == "outbox":
                     for worker in self.workers.values():
                         worker.pipeline.wake_outbox()
+                elif payload == "restart":
+                    self._restart.update(self.workers)
+                    reload = True
                 elif payload.startswith("restart:"):
                     self._restart.add(int(payload.partition(":")[2] or 0))
                     reload = True

@@ -8,11 +8,16 @@ beside the paho one (:mod:`.paho_session`) without touching them. A session:
   broker to it live: subscribe what is new or changed, unsubscribe what is gone;
 - hands every received message to ``on_message`` from its network thread, **without
   acknowledging it**: the caller acknowledges with :meth:`Session.ack` once the message is
-  committed. ``on_message`` may block; that is how intake slows when the database is slow;
+  committed. ``on_message`` may block; that is how intake slows when the database is slow.
+  Each message carries the number of the network connection it came on; these numbers are
+  unique in the process (not per session), so an acknowledgement can never reach a later
+  connection, of this session or of one that replaced it, where its packet id means another
+  message;
 - publishes, and reports each publish's outcome through ``on_published``;
 - reports its state through ``on_state`` and :attr:`Session.status`.
 
-Callbacks run on the session's network thread and must not do database work.
+Callbacks run on the session's network thread and must not do database work (one exception:
+``publish`` on a session that is not running answers "not connected" on the caller's thread).
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ STOPPED = "stopped"
 
 @dataclass(slots=True)
 class MessageProperties:
-    """The MQTT 5 properties the engine stores (all None/empty under MQTT 3.1.1)."""
+    """The MQTT 5 properties the engine stores.
+
+    Under MQTT 5 a message always has one (empty when the publisher set nothing); under
+    MQTT 3.1.1 ``InboundMessage.properties`` is None.
+    """
 
     user_properties: list[tuple[str, str]] = field(default_factory=list)
     content_type: str | None = None
@@ -48,7 +57,8 @@ class InboundMessage:
     """A received PUBLISH, not yet acknowledged.
 
     ``topic`` is None when the topic bytes were not valid UTF-8 (``topic_error`` says why);
-    such a message is still stored (as failed) and acknowledged. ``connection`` identifies the
+    such a message is still stored (as failed) and acknowledged; ``topic_raw`` holds its bytes
+    (it is empty for a valid topic). ``connection`` identifies the
     network connection it arrived on: an acknowledgement for an older connection is dropped,
     because packet ids restart with every connection and the broker redelivers anyway.
     """
@@ -126,7 +136,11 @@ class Session(abc.ABC):
 
     @abc.abstractmethod
     def ack(self, messages: list[InboundMessage]) -> int:
-        """Acknowledge committed messages in the order given; returns how many were sent."""
+        """Acknowledge committed messages in the order given.
+
+        Returns how many were queued for sending (messages of an earlier connection are
+        skipped); the network thread sends them in that order.
+        """
 
     @abc.abstractmethod
     def publish(self, message: OutboundMessage) -> None:
