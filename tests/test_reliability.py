@@ -534,6 +534,11 @@ def stored(db: Db, runner: RunnerProcess, at_least: int):
     return predicate
 
 
+def broker_connected(db: Db) -> bool:
+    """The state row says the runner's broker session is connected."""
+    return (db.broker_state() or {}).get("state") == "connected"
+
+
 def drain(db: Db, runners: list[RunnerProcess], publisher: Publisher, timeout: float) -> int:
     """End the stream (an endless one is stopped, a counted one runs to its end), wait for
     every PUBACK, then for every message in the database; returns how many were published."""
@@ -568,7 +573,7 @@ def test_runner_killed_mid_stream_loses_nothing_and_stores_nothing_twice(pg_data
     assert rig.wait_subscribed(db, runner) == 1, "QoS 2 subscriptions must be received at QoS 1"
 
     began = time.monotonic()
-    publisher = rig.publisher(broker, qos=qos, rate=4000, total=total)
+    publisher = rig.publisher(broker, qos=qos, rate=3000, total=total)
     wait_for(stored(db, runner, 3000), 60, lambda: f"3,000 stored ({db.count()} so far)")
     published_at_kill = publisher.published
     runner.kill()
@@ -680,7 +685,7 @@ def test_database_connections_cut_mid_stream(pg_database, rig):
         wait_for(
             lambda c=count: (
                 len(db.engine_backends()) == 3
-                and rig_connected(db)
+                and broker_connected(db)
                 and stored(db, runner, c + 1000)()
             ),
             30,
@@ -717,10 +722,6 @@ def test_database_connections_cut_mid_stream(pg_database, rig):
     assert db.count() == total
     runner.check_alive()
     assert runner.starts == 1
-
-
-def rig_connected(db: Db) -> bool:
-    return (db.broker_state() or {}).get("state") == "connected"
 
 
 @pytest.mark.timeout(180)
