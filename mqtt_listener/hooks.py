@@ -32,6 +32,13 @@ def _auto_start_mqtt():
     install_server_integration()
 
 
+def _wake_supervisor():
+    """After the commit: a listener running in this process rescans its databases now."""
+    from .server import wake_supervisor
+
+    wake_supervisor()
+
+
 def _post_init_hook(env):
     """Enable the service of the database the addon was just installed on."""
     service_model = service_model_or_warn(env)
@@ -39,6 +46,7 @@ def _post_init_hook(env):
         return
     service_model.sudo()._get_service()
     service_model._notify_runner("service")
+    env.cr.postcommit.add(_wake_supervisor)
     _logger.info(
         "MQTT service enabled for database %s; "
         "the runner starts listening once the install is committed",
@@ -53,6 +61,7 @@ def _uninstall_hook(env):
         return
     service_model.sudo()._get_service().desired_state = "stopped"
     service_model._notify_runner("service")
+    env.cr.postcommit.add(_wake_supervisor)
     _logger.info(
         "MQTT service stopped for database %s; its runner disconnects once the uninstall is "
         "committed",

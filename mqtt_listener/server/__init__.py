@@ -148,9 +148,10 @@ def _prefork_worker_pop(self, pid):
     return result
 
 
-def _threaded_start(self, *args, **kwargs):
-    result = _original["start"](self, *args, **kwargs)
-    if runner_enabled():
+def _threaded_start(self, stop=False):
+    result = _original["start"](self, stop=stop)
+    # stop=True: a server that stops at once (odoo-bin shell, --stop-after-init): no listener.
+    if not stop and runner_enabled():
         _logger.info("MQTT service: starting the listener in the threaded server")
         start_supervisor("threaded")
     return result
@@ -173,7 +174,10 @@ def install_server_integration() -> None:
         odoo_server.PreforkServer.worker_pop = _prefork_worker_pop
         odoo_server.ThreadedServer.start = _threaded_start
         odoo_server.CommonServer.on_stop(stop_supervisor)
-    # Loaded late (not server-wide): the threaded server already runs, so start now.
-    if isinstance(odoo_server.server, odoo_server.ThreadedServer) and runner_enabled():
+    # Loaded late (not server-wide): the threaded server already serves, so start now. A
+    # server without its HTTP thread is odoo-bin shell's, started with stop=True: none there.
+    current = odoo_server.server
+    serving = isinstance(current, odoo_server.ThreadedServer) and getattr(current, "httpd", None)
+    if serving and runner_enabled():
         _logger.info("MQTT service: starting the listener in the threaded server")
         start_supervisor("threaded")
