@@ -61,6 +61,37 @@ def odoo(args: argparse.Namespace, database: str, *extra: str) -> tuple[int, str
     return result.returncode, log
 
 
+UNINSTALL = """
+module = env["ir.module.module"].search([("name", "=", "mqtt_listener")])
+module.button_immediate_uninstall()
+env.cr.execute("SELECT to_regclass('mqtt_publish_signal_history') IS NULL")
+assert env.cr.fetchone()[0], "the history table survived the uninstall"
+print("UNINSTALLED", module.state)
+"""
+
+
+def uninstall(args: argparse.Namespace, database: str) -> tuple[int, str]:
+    """Uninstall the addon through the ORM (as the Apps menu does) in ``odoo-bin shell``."""
+    pg = pg_settings()
+    command = [
+        sys.executable,
+        os.path.join(args.odoo_src, "odoo-bin"),
+        "shell",
+        f"--addons-path={os.path.join(args.odoo_src, 'addons')},{args.addons}",
+        f"--db_host={pg['host']}",
+        f"--db_port={pg['port']}",
+        f"--db_user={pg['user']}",
+        "-d",
+        database,
+        "--no-http",
+    ]
+    result = subprocess.run(command, input=UNINSTALL, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    code = result.returncode if "UNINSTALLED uninstalled" in log else 1
+    print(f"   odoo shell (uninstall): {'ok' if code == 0 else 'FAILED'}")
+    return code, log
+
+
 def problems(log: str) -> list[str]:
     lines = log.splitlines()
     found = []
@@ -97,6 +128,9 @@ def main() -> int:
         trouble = problems(log)
         upgrade_code, upgrade_log = odoo(args, database, "-u", "mqtt_listener")
         trouble += [f"(upgrade) {p}" for p in problems(upgrade_log)]
+        uninstall_code, uninstall_log = uninstall(args, database)
+        trouble += [f"(uninstall) {p}" for p in problems(uninstall_log)]
+        upgrade_code = upgrade_code or uninstall_code
     finally:
         subprocess.run([*dropdb, database], check=False)
     for block in trouble:
