@@ -131,6 +131,10 @@ class BrokerWorker:
         self.session.start()
 
     def stop(self) -> None:
+        # Close the inbox first: a network thread blocked on a full inbox returns at once,
+        # so the session disconnects without waiting out its timeout. What is refused is not
+        # acknowledged: the broker keeps it.
+        self.pipeline.inbox.close()
         self.session.stop()
         self.pipeline.stop()
 
