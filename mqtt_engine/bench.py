@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -63,20 +65,36 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child: Linux sends it SIGTERM when the benchmark dies, even of a SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() still ends it on every other exit
+
+
 class Broker:
     """A private mosquitto that never drops: no queue, byte or in-flight limits."""
 
     def __init__(self, binary: str, directory: str):
         self.port = _free_port()
         conf = os.path.join(directory, "mosquitto.conf")
+        # As root, mosquitto would switch to its own user, which clears the parent-death
+        # signal (_die_with_parent): it stays root, listening on 127.0.0.1 only.
+        user = "user root\n" if os.geteuid() == 0 else ""
         with open(conf, "w") as handle:
             handle.write(
                 f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
                 "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n"
-                "persistence false\n"
+                f"persistence false\n{user}"
             )
         self.process = subprocess.Popen(
-            [binary, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [binary, "-c", conf],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -111,21 +129,27 @@ def _connect(client: mqtt.Client, port: int, clean: bool) -> None:
         raise RuntimeError("no CONNACK from the benchmark broker")
 
 
-def register_session(port: int, client_id: str) -> None:
+def register_session(port: int, client_id: str, topic: str = TOPIC) -> None:
     """Create the persistent session of ``client_id`` with its subscription, then leave."""
     client = _client(client_id, port)
     _connect(client, port, clean=True)
     done = threading.Event()
     client.on_subscribe = lambda *a: done.set()
-    client.subscribe(TOPIC, qos=1)
+    client.subscribe(topic, qos=1)
     if not done.wait(10):
         raise RuntimeError("no SUBACK")
     client.disconnect()
     client.loop_stop()
 
 
-def publish_numbered(port: int, count: int, start: int = 0, rate: float | None = None) -> None:
-    """Publish ``count`` numbered QoS 1 messages (~100-byte JSON), waiting for every PUBACK."""
+def publish_numbered(
+    port: int, count: int, start: int = 0, rate: float | None = None, topic: str = TOPIC
+) -> None:
+    """Publish ``count`` numbered QoS 1 messages (~100-byte JSON), waiting for every PUBACK.
+
+    Each payload is ``{"n": <number>, "t": <time.time() at publish>, ...}``: ``n`` is the
+    deduplication key and the basis of the lost and duplicate counts, ``t`` of the latency.
+    """
     client = _client(f"bench-pub-{uuid.uuid4().hex[:6]}", port)
     client.max_inflight_messages_set(1000)
     _connect(client, port, clean=True)
@@ -134,7 +158,7 @@ def publish_numbered(port: int, count: int, start: int = 0, rate: float | None =
     began = time.monotonic()
     for n in range(start, start + count):
         body = json.dumps({"n": n, "t": time.time(), "sensor": "bench-01", "pad": pad})
-        infos.append(client.publish(TOPIC, body, qos=1))
+        infos.append(client.publish(topic, body, qos=1))
         if rate:
             delay = began + (n - start + 1) / rate - time.monotonic()
             if delay > 0:
@@ -145,12 +169,33 @@ def publish_numbered(port: int, count: int, start: int = 0, rate: float | None =
     client.loop_stop()
 
 
-def drain_bare(port: int, client_id: str, count: int) -> float:
-    """(a): a paho subscriber that only counts. Returns msg/s."""
+def drain_subscriber(
+    port: int,
+    client_id: str,
+    count: int,
+    handle: Callable[[mqtt.MQTTMessage], None] | None = None,
+    timeout: float = 600.0,
+) -> float:
+    """Resume ``client_id``'s persistent session and take ``count`` messages. Returns msg/s.
+
+    ``handle(message)`` runs in paho's network callback for each message; paho acknowledges
+    the message when it returns. The rate is over the time from the first to the last message.
+    An exception in ``handle`` ends the drain and is raised here.
+    """
     stamps: list[float] = []
+    errors: list[BaseException] = []
     done = threading.Event()
 
-    def on_message(_client, _userdata, _message):
+    def on_message(_client, _userdata, message):
+        if done.is_set():
+            return
+        try:
+            if handle is not None:
+                handle(message)
+        except Exception as exc:  # raised in the caller's thread, not lost in paho's
+            errors.append(exc)
+            done.set()
+            return
         stamps.append(time.monotonic())
         if len(stamps) >= count:
             done.set()
@@ -158,10 +203,21 @@ def drain_bare(port: int, client_id: str, count: int) -> float:
     client = _client(client_id, port)
     client.on_message = on_message
     _connect(client, port, clean=False)
-    done.wait(600)
-    client.disconnect()
-    client.loop_stop()
+    try:
+        done.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if errors:
+        raise RuntimeError(f"storing a message failed: {errors[0]!r}") from errors[0]
+    if len(stamps) < 2:
+        raise RuntimeError(f"only {len(stamps)} of {count} messages arrived in {timeout:.0f}s")
     return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+
+
+def drain_bare(port: int, client_id: str, count: int) -> float:
+    """(a): a paho subscriber that only counts. Returns msg/s."""
+    return drain_subscriber(port, client_id, count)
 
 
 def drain_commit_per_message(port: int, client_id: str, count: int, dsn: str) -> float:
@@ -169,10 +225,8 @@ def drain_commit_per_message(port: int, client_id: str, count: int, dsn: str) ->
     import psycopg2
 
     connection = psycopg2.connect(dsn)
-    stamps: list[float] = []
-    done = threading.Event()
 
-    def on_message(_client, _userdata, message):
+    def insert(message):
         with connection.cursor() as cr:
             cr.execute(
                 "INSERT INTO mqtt_publish_signal_history (direction, state, topic, payload, qos)"
@@ -180,18 +234,17 @@ def drain_commit_per_message(port: int, client_id: str, count: int, dsn: str) ->
                 (message.topic, message.payload, message.qos),
             )
         connection.commit()
-        stamps.append(time.monotonic())
-        if len(stamps) >= count:
-            done.set()
 
-    client = _client(client_id, port)
-    client.on_message = on_message
-    _connect(client, port, clean=False)
-    done.wait(600)
-    client.disconnect()
-    client.loop_stop()
-    connection.close()
-    return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+    try:
+        return drain_subscriber(port, client_id, count, insert)
+    finally:
+        connection.close()
+
+
+def lost_and_duplicates(numbers: list[int], expected: range) -> tuple[int, int]:
+    """How many of ``expected`` are missing from the stored ``numbers``, how many repeated."""
+    unique = set(numbers)
+    return len(set(expected) - unique), len(numbers) - len(unique)
 
 
 class BenchDatabase:
@@ -295,18 +348,92 @@ def drain_engine(directory: str, port: int, database: BenchDatabase, count: int)
         "FROM mqtt_publish_signal_history WHERE direction = 'in'"
     )[0]
     numbers = _numbers(database)
-    unique = set(numbers)
+    lost, duplicates = lost_and_duplicates(numbers, range(count))
     return {
         "rate": (len(numbers) - 1) / max(float(last) - float(first), 1e-9),
         "peak_rss_mb": round(peak, 1),
-        "lost": len(set(range(count)) - unique),
-        "duplicates": len(numbers) - len(unique),
+        "lost": lost,
+        "duplicates": duplicates,
     }
+
+
+class CommitClock:
+    """A runner ``on_stored`` callback: when (``time.time()``) each history row was committed."""
+
+    def __init__(self):
+        self.committed: dict[int, float] = {}
+
+    def __call__(self, _database: str, _broker_id: int, ids: list[int]) -> None:
+        now = time.time()
+        for row_id in ids:
+            self.committed[row_id] = now
+
+    def __len__(self) -> int:
+        return len(self.committed)
+
+
+def wait_subscribed(runner, broker_id: int | None = None, timeout: float = 20.0) -> bool:
+    """Wait until the runner's session for ``broker_id`` (or any broker) holds a subscription."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for database in list(runner.databases.values()):
+            for worker_broker, worker in list(database.workers.items()):
+                if broker_id not in (None, worker_broker):
+                    continue
+                if worker.session.status.subscribed:
+                    return True
+        time.sleep(0.05)
+    return False
+
+
+def percentiles(latencies_ms: list[float]) -> dict:
+    """p50 and p99 (ms, one decimal) and the number of samples."""
+    ordered = sorted(latencies_ms)
+    if not ordered:
+        return {"p50_ms": None, "p99_ms": None, "samples": 0}
+    return {
+        "p50_ms": round(statistics.median(ordered), 1),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1),
+        "samples": len(ordered),
+    }
+
+
+def time_to_commit(
+    port: int,
+    clock: CommitClock,
+    rows_after: Callable[[int], list[tuple]],
+    rate: int,
+    seconds: float,
+    topic: str = TOPIC,
+    start: int = 10_000_000,
+) -> dict:
+    """Publish at ``rate`` for ``seconds`` to a live runner; latency of each, publish to commit.
+
+    The runner must already be subscribed to ``topic`` and call ``clock`` as its ``on_stored``.
+    ``rows_after(row_id)`` returns ``(id, payload column)`` of the history rows stored after
+    ``row_id``: the publish time is read from each stored payload, the commit time from
+    ``clock``.
+    """
+    from .payload import from_column
+
+    before = max(clock.committed, default=0)
+    already = len(clock)
+    count = int(rate * seconds)
+    publish_numbered(port, count, start=start, rate=rate, topic=topic)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(clock) - already < count:
+        time.sleep(0.05)
+    committed = dict(clock.committed)
+    latencies = [
+        (committed[row_id] - json.loads(from_column(data))["t"]) * 1000
+        for row_id, data in rows_after(before)
+        if row_id in committed
+    ]
+    return percentiles(latencies)
 
 
 def measure_latency(port: int, database: BenchDatabase, rate: int, seconds: float) -> dict:
     """Engine in this process; publish at ``rate`` and time each message until its commit."""
-    from .payload import from_column
     from .runner import Runner
     from .standalone import sync_to_store
     from .store_pg import PostgresStore
@@ -327,46 +454,24 @@ def measure_latency(port: int, database: BenchDatabase, rate: int, seconds: floa
         },
     )
     database.query("UPDATE mqtt_broker SET active = FALSE WHERE name = 'bench'")
-    committed: dict[int, float] = {}
-
-    def on_stored(_db, _broker, ids):
-        now = time.time()
-        for row_id in ids:
-            committed[row_id] = now
-
-    runner = Runner([store], on_stored=on_stored, heartbeat=1.0)
+    clock = CommitClock()
+    runner = Runner([store], on_stored=clock, heartbeat=1.0)
     runner.start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            workers = [w for d in runner.databases.values() for w in d.workers.values()]
-            if workers and workers[0].session.status.subscribed:
-                break
-            time.sleep(0.05)
-        before = max(committed, default=0)
-        count = int(rate * seconds)
-        publish_numbered(port, count, start=10_000_000, rate=rate)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(committed) < count:
-            time.sleep(0.05)
+        wait_subscribed(runner)
+        return time_to_commit(
+            port,
+            clock,
+            lambda before: database.query(
+                "SELECT id, payload FROM mqtt_publish_signal_history "
+                "WHERE id > %s AND direction = 'in'",
+                (before,),
+            ),
+            rate,
+            seconds,
+        )
     finally:
         runner.stop()
-    rows = database.query(
-        "SELECT id, payload FROM mqtt_publish_signal_history WHERE id > %s AND direction = 'in'",
-        (before,),
-    )
-    latencies = sorted(
-        (committed[row_id] - json.loads(from_column(data))["t"]) * 1000
-        for row_id, data in rows
-        if row_id in committed
-    )
-    if not latencies:
-        return {"p50_ms": None, "p99_ms": None, "samples": 0}
-    return {
-        "p50_ms": round(statistics.median(latencies), 1),
-        "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1),
-        "samples": len(latencies),
-    }
 
 
 def main(args: argparse.Namespace) -> int:
