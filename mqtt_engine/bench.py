@@ -20,6 +20,7 @@ counts come from the stored numbers. ``--json`` ends with one JSON object of the
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -154,11 +155,13 @@ def publish_numbered(
     client.max_inflight_messages_set(1000)
     _connect(client, port, clean=True)
     pad = "x" * 40
-    infos = []
+    infos: collections.deque = collections.deque()
     began = time.monotonic()
     for n in range(start, start + count):
         body = json.dumps({"n": n, "t": time.time(), "sensor": "bench-01", "pad": pad})
         infos.append(client.publish(topic, body, qos=1))
+        if len(infos) > 30_000:  # packet ids are 16 bits: never have 65,535 outstanding
+            infos.popleft().wait_for_publish(60)
         if rate:
             delay = began + (n - start + 1) / rate - time.monotonic()
             if delay > 0:
