@@ -31,7 +31,7 @@ from collections.abc import Callable
 from . import payload as payload_tools
 from .config import BrokerConfig, SubscriptionConfig
 from .session import InboundMessage, Session
-from .store import Store, StoreConnection, StoredMessage, utc_from_timestamp
+from .store import Store, StoreConnection, StoredMessage
 from .topics import FilterSet, TopicError
 
 _logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class MessagePreparer:
             redelivered=message.dup,
             dedup_key=dedup_key,
             error=error,
-            received_at=utc_from_timestamp(message.received_at),
+            received_at=message.received_at,
             properties=props,
         )
 

@@ -90,9 +90,17 @@ def preview(data: BytesLike | None, limit: int = 500) -> str:
     >>> preview(b"\\x89PNG\\r\\n\\x1a\\n" + bytes(1000))  # doctest: +ELLIPSIS
     'binary, 1,008 bytes: 89 50 4e 47 0d 0a 1a 0a 00 00 ... 00 …'
     """
+    limit = max(0, limit)
+    if isinstance(data, bytes) and len(data) <= limit:  # the common case: short, done at once
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            if not _CONTROL.search(text):
+                return text
     view = memoryview(data if data is not None else b"").cast("B")
     size = view.nbytes
-    limit = max(0, limit)
     budget = 4 * limit  # enough bytes for `limit` characters, whatever their width
     head = bytes(view[:budget])
     whole = size <= budget
@@ -116,9 +124,12 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON value")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one, not one per message
+
+
 def _load(data: BytesLike) -> object:
     """The payload parsed as strict JSON (UTF-8, no NaN or Infinity); :class:`PayloadError`."""
-    raw = bytes(data)
+    raw = data if isinstance(data, bytes) else bytes(data)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -126,7 +137,7 @@ def _load(data: BytesLike) -> object:
             f"payload is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at position {exc.start})"
         ) from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except RecursionError:
         raise PayloadError("payload is not valid JSON: nested too deeply") from None
     except ValueError as exc:  # json.JSONDecodeError, NaN, integers too long to convert

@@ -50,7 +50,7 @@ class StoredMessage:
     redelivered: bool
     dedup_key: str | None
     error: str | None
-    received_at: dt.datetime
+    received_at: float  # epoch seconds, as received
     properties: MessageProperties | None = None
 
 
@@ -125,7 +125,7 @@ def history_values(message: StoredMessage, now: dt.datetime, encode_binary) -> t
         props.payload_format if props else None,
         message.error,
         0,
-        message.received_at,
+        utc_from_timestamp(message.received_at),
     )
 
 

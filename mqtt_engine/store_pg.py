@@ -10,20 +10,18 @@ server drops the connection and the lock with it, and a standby runner takes it 
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 from collections.abc import Sequence
 
 import psycopg2
-from psycopg2.extras import execute_values
 
 from . import schema
 from .store import (
-    _HISTORY_INSERT_COLUMNS,
     RunnerLock,
     Store,
     StoreConnection,
     StoredMessage,
-    history_values,
     utcnow,
 )
 
@@ -34,12 +32,70 @@ KEEPALIVES = {
     "keepalives_count": 3,
 }
 
-_INSERT_HISTORY = (
-    f"INSERT INTO mqtt_publish_signal_history ({', '.join(_HISTORY_INSERT_COLUMNS)}) "
-    "VALUES %s ON CONFLICT (broker_id, dedup_key) DO UPDATE SET redelivered = TRUE, "
-    "write_date = EXCLUDED.write_date RETURNING id, (xmax = 0) AS inserted"
+# Per-message columns go through COPY into a temporary stage table; the columns every row of a
+# batch shares (dates, direction, broker, company) are parameters of the INSERT that follows.
+_STAGE_COLUMNS = (
+    "id",
+    "subscription_id",
+    "state",
+    "topic",
+    "payload",
+    "payload_preview",
+    "payload_size",
+    "payload_hash",
+    "qos",
+    "retain",
+    "redelivered",
+    "dedup_key",
+    "content_type",
+    "response_topic",
+    "correlation_data",
+    "message_expiry",
+    "payload_format",
+    "error",
+    "received_epoch",
 )
-_INSERT_PROPERTIES = "INSERT INTO mqtt_user_property (message_id, sequence, key, value) VALUES %s"
+_CREATE_STAGE = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS mqtt_ingest_stage ("
+    "id integer, subscription_id integer, state varchar, topic varchar, payload bytea, "
+    "payload_preview text, payload_size integer, payload_hash varchar, qos integer, "
+    "retain boolean, redelivered boolean, dedup_key varchar, content_type varchar, "
+    "response_topic varchar, correlation_data bytea, message_expiry integer, "
+    "payload_format integer, error text, received_epoch double precision"
+    ") ON COMMIT DELETE ROWS"
+)
+_STAGED = [c for c in _STAGE_COLUMNS if c != "received_epoch"]
+_INSERT_FROM_STAGE = (
+    "INSERT INTO mqtt_publish_signal_history (create_date, write_date, direction, broker_id, "
+    f"company_id, attempts, received_at, {', '.join(_STAGED)}) "
+    "SELECT %(now)s, %(now)s, 'in', %(broker)s, %(company)s, 0, "
+    "to_timestamp(received_epoch) AT TIME ZONE 'UTC', "
+    f"{', '.join(_STAGED)} FROM mqtt_ingest_stage "
+    "ON CONFLICT (broker_id, dedup_key) DO UPDATE SET redelivered = TRUE, "
+    "write_date = EXCLUDED.write_date RETURNING id"
+)
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(value: str | None) -> str:
+    """A text value in COPY's text format (NUL is cleaned before, see ingest)."""
+    if value is None:
+        return "\\N"
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+def _copy_bytes(value: bytes | None) -> str:
+    return "\\N" if value is None else "\\\\x" + value.hex()
+
+
+def _copy_number(value) -> str:
+    return "\\N" if value is None else str(value)
+
+
+def _copy_bool(value: bool) -> str:
+    return "t" if value else "f"
 
 
 def _database_name(dsn: str) -> str:
@@ -48,6 +104,9 @@ def _database_name(dsn: str) -> str:
 
 
 class PostgresConnection(StoreConnection):
+    _stage_ready = False
+    _sequence = None
+
     def execute(self, sql: str, params: Sequence = ()) -> list[tuple]:
         with self.raw.cursor() as cr:
             cr.execute(sql, tuple(params))
@@ -58,26 +117,76 @@ class PostgresConnection(StoreConnection):
         return None if value is None else psycopg2.Binary(value)
 
     def insert_messages(self, messages: list[StoredMessage]) -> tuple[list[int], int]:
+        """COPY the batch into a stage table, then one INSERT … ON CONFLICT from it.
+
+        The ids are taken from the table's sequence beforehand, so which rows are new is
+        known exactly (a row that met its dedup key comes back with the existing row's id),
+        without relying on the order of RETURNING.
+        """
         if not messages:
             return [], 0
-        now = utcnow()
-        values = [history_values(m, now, self.encode_binary) for m in messages]
-        new_ids: list[int] = []
-        properties = []
         with self.raw.cursor() as cr:
-            # RETURNING yields the rows in VALUES order: one page holds the whole batch.
-            rows = execute_values(cr, _INSERT_HISTORY, values, page_size=len(values), fetch=True)
-            for message, (row_id, inserted) in zip(messages, rows, strict=True):
-                if not inserted:
-                    continue
-                new_ids.append(row_id)
-                if message.properties and message.properties.user_properties:
-                    properties.extend(
-                        (row_id, sequence, key, value)
-                        for sequence, (key, value) in enumerate(message.properties.user_properties)
+            if not self._stage_ready:
+                cr.execute(_CREATE_STAGE)
+                cr.execute("SELECT pg_get_serial_sequence('mqtt_publish_signal_history', 'id')")
+                self._sequence = cr.fetchone()[0]
+                self._stage_ready = True
+            cr.execute(
+                "SELECT nextval(%s) FROM generate_series(1, %s)", (self._sequence, len(messages))
+            )
+            ids = [row[0] for row in cr.fetchall()]
+            lines = []
+            for row_id, m in zip(ids, messages, strict=True):
+                props = m.properties
+                lines.append(
+                    "\t".join(
+                        (
+                            str(row_id),
+                            _copy_number(m.subscription_id),
+                            m.state,
+                            _copy_text(m.topic),
+                            _copy_bytes(m.payload),
+                            _copy_text(m.payload_preview),
+                            str(m.payload_size),
+                            m.payload_hash,
+                            str(m.qos),
+                            _copy_bool(m.retain),
+                            _copy_bool(m.redelivered),
+                            _copy_text(m.dedup_key),
+                            _copy_text(props.content_type if props else None),
+                            _copy_text(props.response_topic if props else None),
+                            _copy_bytes(
+                                super().encode_binary(props.correlation_data) if props else None
+                            ),
+                            _copy_number(props.message_expiry if props else None),
+                            _copy_number(props.payload_format if props else None),
+                            _copy_text(m.error),
+                            repr(m.received_at),
+                        )
                     )
+                )
+            buffer = io.StringIO("\n".join(lines) + "\n")
+            cr.copy_expert(
+                f"COPY mqtt_ingest_stage ({', '.join(_STAGE_COLUMNS)}) FROM STDIN", buffer
+            )
+            first = messages[0]
+            cr.execute(
+                _INSERT_FROM_STAGE,
+                {"now": utcnow(), "broker": first.broker_id, "company": first.company_id},
+            )
+            returned = {row[0] for row in cr.fetchall()}
+            new_ids = [row_id for row_id in ids if row_id in returned]
+            properties = [
+                f"{row_id}\t{sequence}\t{_copy_text(key)}\t{_copy_text(value)}"
+                for row_id, m in zip(ids, messages, strict=True)
+                if row_id in returned and m.properties and m.properties.user_properties
+                for sequence, (key, value) in enumerate(m.properties.user_properties)
+            ]
             if properties:
-                execute_values(cr, _INSERT_PROPERTIES, properties, page_size=len(properties))
+                cr.copy_expert(
+                    "COPY mqtt_user_property (message_id, sequence, key, value) FROM STDIN",
+                    io.StringIO("\n".join(properties) + "\n"),
+                )
         self.raw.commit()
         return new_ids, len(messages) - len(new_ids)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 
@@ -42,7 +43,7 @@ def _message(n: int, dedup: str | None = None, **overrides) -> StoredMessage:
         redelivered=False,
         dedup_key=dedup,
         error=None,
-        received_at=utcnow(),
+        received_at=time.time(),
     )
     values.update(overrides)
     return StoredMessage(**values)
