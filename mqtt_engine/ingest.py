@@ -49,6 +49,7 @@ class Inbox:
         self._bytes = 0
         self._closed = False
         self._wakeups = 0
+        self._takers = 0  # writers waiting in take()
         self._condition = threading.Condition()
 
     def __len__(self) -> int:
@@ -68,7 +69,8 @@ class Inbox:
                 return False
             self._items.append(message)
             self._bytes += size
-            self._condition.notify_all()
+            if self._takers:  # wake the writer only when it waits (not once per message)
+                self._condition.notify_all()
             return True
 
     def wake(self) -> None:
@@ -86,14 +88,14 @@ class Inbox:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                self._condition.wait(remaining)
+                self._wait(remaining)
             if self._items and len(self._items) < max_count:
                 deadline = time.monotonic() + window
                 while len(self._items) < max_count and not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                    self._condition.wait(remaining)
+                    self._wait(remaining)
             batch = []
             while self._items and len(batch) < max_count:
                 message = self._items.popleft()
@@ -101,6 +103,13 @@ class Inbox:
                 batch.append(message)
             self._condition.notify_all()
             return batch
+
+    def _wait(self, timeout: float) -> None:
+        self._takers += 1
+        try:
+            self._condition.wait(timeout)
+        finally:
+            self._takers -= 1
 
     def clear(self) -> int:
         with self._condition:
@@ -126,7 +135,18 @@ class MessagePreparer:
 
     def __init__(self, broker: BrokerConfig):
         self.broker = broker
-        self.subscriptions: FilterSet[SubscriptionConfig] = FilterSet()
+        self._matching: tuple[FilterSet[SubscriptionConfig], dict] = (FilterSet(), {})
+
+    def _subscription_of(self, topic: str) -> SubscriptionConfig | None:
+        """The first subscription matching ``topic``; remembered, topics repeat a lot."""
+        matcher, cache = self._matching  # one read: a matcher and the cache made for it
+        if topic in cache:
+            return cache[topic]
+        matches = matcher.match(topic)
+        if len(cache) >= 10_000:
+            cache.clear()
+        cache[topic] = found = matches[0] if matches else None
+        return found
 
     def set_subscriptions(self, subscriptions: tuple[SubscriptionConfig, ...]) -> None:
         matcher: FilterSet[SubscriptionConfig] = FilterSet()
@@ -135,7 +155,7 @@ class MessagePreparer:
                 matcher.add(subscription.broker_filter, subscription)
             except TopicError as exc:  # the broker refuses it too; its messages never come
                 _logger.warning("%s: subscription %s: %s", self.broker.name, subscription.id, exc)
-        self.subscriptions = matcher  # one assignment: the writer sees old or new, whole
+        self._matching = (matcher, {})  # one assignment: the writer sees old or new, whole
 
     def prepare(self, message: InboundMessage) -> StoredMessage:
         data = message.payload
@@ -157,8 +177,7 @@ class MessagePreparer:
             error = message.topic_error or "topic is not valid UTF-8"
         else:
             topic = message.topic
-            matches = self.subscriptions.match(topic)
-            subscription = matches[0] if matches else None
+            subscription = self._subscription_of(topic)
         topic = _clean_text(topic)
         stored_payload = payload_tools.to_column(data)
         preview = payload_tools.preview(data)
