@@ -68,6 +68,8 @@ import subprocess
 import threading
 import time
 
+from tests.support import LogFile
+
 MOSQUITTO = "/usr/sbin/mosquitto"
 DYNSEC_PLUGINS = (
     "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
@@ -103,7 +105,7 @@ def password_line(user: str, password: str) -> str:
     return f"{user}:$7$101${salt_b64}${digest_b64}"
 
 
-class Mosquitto:
+class Mosquitto(LogFile):
     """One mosquitto process with its config, certificates and log in ``directory``."""
 
     def __init__(
@@ -356,16 +358,6 @@ class Mosquitto:
         self._process.send_signal(signal.SIGCONT)
 
     # -------------------------------------------------------------------- log
-
-    def log_text(self) -> str:
-        """Everything mosquitto logged, across restarts."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 class _WebSocketBridge:

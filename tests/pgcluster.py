@@ -32,6 +32,8 @@ import time
 
 import psutil
 
+from tests.support import LogFile
+
 PG_BIN = pathlib.Path(
     os.environ.get("MQTT_TEST_PG_BIN")
     or next(
@@ -48,7 +50,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class PgCluster:
+class PgCluster(LogFile):
     """One initdb'ed cluster in its own temporary directory; see the module docstring."""
 
     def __init__(self, database: str = "mqtt_engine"):
@@ -228,12 +230,3 @@ class PgCluster:
     @property
     def running(self) -> bool:
         return self.postmaster_pid() is not None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])

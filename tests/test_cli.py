@@ -7,13 +7,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqtt_engine.payload import from_column
+from tests.support import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,17 +26,6 @@ def engine(*args: str, env: dict | None = None, timeout: float = 60) -> subproce
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_check_reports_every_step_on_a_working_broker(broker_address, unique_topic):

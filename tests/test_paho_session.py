@@ -32,22 +32,11 @@ from mqtt_engine.session import (
     SessionStatus,
     SubscriptionSpec,
 )
+from tests.support import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 PROTOCOLS = pytest.mark.parametrize("protocol", ["5", "311"])
-
-
-def wait_for(predicate, timeout: float = 10.0, message: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not met within {timeout}s")
-        time.sleep(0.01)
 
 
 class Recorder:
@@ -144,7 +133,7 @@ def subscribed(session, *filters):
             and all(f in s.subscribed for f in filters)
             and s
         ),
-        message=f"subscribed to {filters}",
+        what=f"subscribed to {filters}",
     )
 
 
@@ -201,7 +190,7 @@ def test_receive_with_properties(protocol, broker_address, unique_topic, publish
     publisher.publish(f"{unique_topic}/a", payload, qos=1, properties=props)
     publisher.publish(f"{unique_topic}/b", b"\x00\xff\xfe binary", qos=0)
 
-    wait_for(lambda: len(rec.messages) == 2, message="two messages")
+    wait_for(lambda: len(rec.messages) == 2, what="two messages")
     first, second = rec.messages
     assert (first.topic, first.payload, first.qos, first.retain, first.dup) == (
         f"{unique_topic}/a",
@@ -239,21 +228,21 @@ def test_unacknowledged_message_is_redelivered(
     first.set_subscriptions(specs)
     subscribed(first, topic)
     publisher.publish(topic, b"m1")
-    message = wait_for(lambda: rec1.find(b"m1"), message="m1")
+    message = wait_for(lambda: rec1.find(b"m1"), what="m1")
     assert not message.dup
     first.stop()  # never acknowledged
     assert first.status.state == STOPPED
 
     second, rec2 = make_session(config(port, protocol, host), client_id=client_id)
     second.set_subscriptions(specs)
-    again = wait_for(lambda: rec2.find(b"m1"), message="m1 redelivered")
+    again = wait_for(lambda: rec2.find(b"m1"), what="m1 redelivered")
     assert again.dup and again.connection == second.status.connection
     subscribed(second, topic)
     assert first.ack([message]) == 0  # a stopped session sends nothing
     assert second.ack([message]) == 0  # a message of another connection is skipped
     assert second.ack([again]) == 1
     publisher.publish(topic, b"marker")
-    wait_for(lambda: rec2.find(b"marker"), message="marker")
+    wait_for(lambda: rec2.find(b"marker"), what="marker")
     second.ack([rec2.find(b"marker")])
     second.stop()
 
@@ -261,7 +250,7 @@ def test_unacknowledged_message_is_redelivered(
     third.set_subscriptions(specs)
     subscribed(third, topic)
     publisher.publish(topic, b"marker2")
-    wait_for(lambda: rec3.find(b"marker2"), message="marker2")
+    wait_for(lambda: rec3.find(b"marker2"), what="marker2")
     assert rec3.payloads() == [b"marker2"]  # m1 and marker were acknowledged: not redelivered
     third.stop()
     forget_session(port, client_id, protocol, host)
@@ -277,18 +266,18 @@ def test_live_subscription_changes(protocol, broker_address, unique_topic, publi
     assert session.status.subscribed == {a: 0}
 
     session.set_subscriptions([SubscriptionSpec(a, qos=1)])  # QoS change
-    wait_for(lambda: session.status.subscribed.get(a) == 1, message="QoS 1 granted")
+    wait_for(lambda: session.status.subscribed.get(a) == 1, what="QoS 1 granted")
     publisher.publish(a, b"on a")
-    assert wait_for(lambda: rec.find(b"on a"), message="message on a").qos == 1
+    assert wait_for(lambda: rec.find(b"on a"), what="message on a").qos == 1
 
     session.set_subscriptions([SubscriptionSpec(a, qos=1), SubscriptionSpec(b, qos=1)])  # add
     subscribed(session, a, b)
     session.set_subscriptions([SubscriptionSpec(b, qos=1)])  # remove a
-    wait_for(lambda: a not in session.status.subscribed, message="a unsubscribed")
+    wait_for(lambda: a not in session.status.subscribed, what="a unsubscribed")
     assert session.status.subscribed == {b: 1}
     publisher.publish(a, b"after removal")
     publisher.publish(b, b"on b")
-    wait_for(lambda: rec.find(b"on b"), message="message on b")
+    wait_for(lambda: rec.find(b"on b"), what="message on b")
     assert rec.find(b"after removal") is None
     assert session.status.connection == connection  # no reconnect for any of it
 
@@ -307,9 +296,9 @@ def test_subscribe_options_v5(broker_address, unique_topic, publisher, make_sess
         )
         connection = subscribed(session, retained, local).connection
         session.publish(OutboundMessage(token=1, topic=local, payload=b"mine", qos=1))
-        wait_for(lambda: 1 in rec.published, message="own publish acknowledged")
+        wait_for(lambda: 1 in rec.published, what="own publish acknowledged")
         publisher.publish(local, b"theirs")
-        wait_for(lambda: rec.find(b"theirs"), message="other client's message")
+        wait_for(lambda: rec.find(b"theirs"), what="other client's message")
         assert rec.find(b"mine") is None  # no local
         assert rec.find(b"kept") is None  # retain handling 2
 
@@ -319,7 +308,7 @@ def test_subscribe_options_v5(broker_address, unique_topic, publisher, make_sess
                 SubscriptionSpec(local, qos=1, no_local=True),
             ]
         )
-        kept = wait_for(lambda: rec.find(b"kept"), message="retained message")
+        kept = wait_for(lambda: rec.find(b"kept"), what="retained message")
         assert kept.retain
         assert session.status.connection == connection
     finally:
@@ -343,13 +332,13 @@ def test_publish_is_acknowledged(protocol, broker_address, unique_topic, make_se
                 properties=properties,
             )
         )
-    wait_for(lambda: len(rec.published) == 3, message="three publishes reported")
+    wait_for(lambda: len(rec.published) == 3, what="three publishes reported")
     assert rec.published == {100: None, 101: None, 102: None}
-    wait_for(lambda: len(rec.messages) == 3, message="three messages back")
+    wait_for(lambda: len(rec.messages) == 3, what="three messages back")
     if protocol == "5":
         assert rec.find(b"q1").properties.user_properties == [("id", "7")]
     session.publish(OutboundMessage(token=5, topic=f"{unique_topic}/+", payload=b"x", qos=1))
-    wait_for(lambda: 5 in rec.published, message="invalid publish reported")
+    wait_for(lambda: 5 in rec.published, what="invalid publish reported")
     assert rec.published[5].startswith("invalid message")
 
 
@@ -357,7 +346,7 @@ def test_publish_while_disconnected_reports_at_once(make_session):
     from tests.mosquitto import free_port
 
     session, rec = make_session(config(free_port()))
-    wait_for(lambda: session.status.last_error, message="a connect failure")
+    wait_for(lambda: session.status.last_error, what="a connect failure")
     status = session.status
     assert status.state == DISCONNECTED
     assert "refused" in status.last_error
@@ -389,7 +378,7 @@ def test_callback_exception_does_not_kill_the_thread(
         connection = subscribed(session, unique_topic).connection
         publisher.publish(unique_topic, b"boom")
         publisher.publish(unique_topic, b"after")
-        wait_for(lambda: b"after" in seen, message="second message")
+        wait_for(lambda: b"after" in seen, what="second message")
         assert session.status.connection == connection
         assert any("handler bug" in (r.exc_text or "") for r in caplog.records)
     finally:
@@ -409,7 +398,7 @@ def test_wrong_password_is_auth_failed_and_retried_slowly(
     session, rec = make_session(
         config(broker.port, protocol, username="alice", password=secret), auth_retry=0.5
     )
-    wait_for(lambda: session.status.state == AUTH_FAILED, message="auth_failed")
+    wait_for(lambda: session.status.state == AUTH_FAILED, what="auth_failed")
     failed_at = time.monotonic()
     refusals = "disconnected, not authorised"
     wait_for(lambda: broker.log_text().count(refusals) >= 4, 10, "three retries")
@@ -438,7 +427,7 @@ def test_tls_verification(mosquitto_factory, make_session):
     port = broker.tls_port
 
     untrusted, _ = make_session(config(port, tls=True))  # the system CAs do not know ours
-    wait_for(lambda: untrusted.status.state == ERROR, message="certificate error")
+    wait_for(lambda: untrusted.status.state == ERROR, what="certificate error")
     assert "not trusted" in untrusted.status.last_error
     assert "certificate" in untrusted.status.last_error
     untrusted.stop()
@@ -446,7 +435,7 @@ def test_tls_verification(mosquitto_factory, make_session):
     trusted, rec = make_session(config(port, tls=True, tls_ca_cert=broker.ca_pem))
     assert trusted.wait_connected(5), trusted.status
     trusted.publish(OutboundMessage(token=1, topic="tls/test", payload=b"x", qos=1))
-    wait_for(lambda: 1 in rec.published, message="publish over TLS")
+    wait_for(lambda: 1 in rec.published, what="publish over TLS")
     assert rec.published[1] is None
 
     by_name, _ = make_session(config(port, host="localhost", tls=True, tls_ca_cert=broker.ca_pem))
@@ -461,7 +450,7 @@ def test_tls_client_certificate_required(mosquitto_factory, make_session):
     port = broker.tls_port
 
     without, _ = make_session(config(port, tls=True, tls_ca_cert=broker.ca_pem))
-    wait_for(lambda: without.status.state == ERROR, message="client certificate error")
+    wait_for(lambda: without.status.state == ERROR, what="client certificate error")
     assert "client certificate" in without.status.last_error
     without.stop()
 
@@ -487,13 +476,13 @@ def test_websocket_transport(protocol, mosquitto_factory, make_session):
     session.set_subscriptions([SubscriptionSpec("ws/#", qos=1)])
     subscribed(session, "ws/#")
     session.publish(OutboundMessage(token=1, topic="ws/echo", payload=b"x" * 70000, qos=1))
-    message = wait_for(lambda: rec.find(b"x" * 70000), message="own message back")
+    message = wait_for(lambda: rec.find(b"x" * 70000), what="own message back")
     assert message.topic == "ws/echo"
-    wait_for(lambda: 1 in rec.published, message="PUBACK over WebSocket")
+    wait_for(lambda: 1 in rec.published, what="PUBACK over WebSocket")
     assert rec.published == {1: None}
 
     wrong, _ = make_session(config(broker.ws_port, protocol, transport="websockets", ws_path="/x"))
-    wait_for(lambda: wrong.status.state == ERROR, message="WebSocket error")
+    wait_for(lambda: wrong.status.state == ERROR, what="WebSocket error")
     assert "WebSocket" in wrong.status.last_error
 
 
@@ -511,16 +500,16 @@ def test_broker_refuses_a_subscription(protocol, mosquitto_factory, make_session
     connection = wait_for(lambda: session.wait_connected(5) and session.status.connection)
     status = wait_for(
         lambda: (s := session.status).failed_subscriptions.get("denied/#") and s,
-        message="refused subscription recorded",
+        what="refused subscription recorded",
     )
     assert status.failed_subscriptions["denied/#"].startswith("refused by the broker")
     assert status.failed_subscriptions["bad/#/filter"].startswith("invalid filter")
-    wait_for(lambda: "allowed/#" in session.status.subscribed, message="allowed subscription")
+    wait_for(lambda: "allowed/#" in session.status.subscribed, what="allowed subscription")
     assert "denied/#" not in session.status.subscribed
     assert session.status.state == CONNECTED and session.status.connection == connection
     if protocol == "5":
         session.publish(OutboundMessage(token=1, topic="denied/x", payload=b"x", qos=1))
-        wait_for(lambda: 1 in rec.published, message="refused publish reported")
+        wait_for(lambda: 1 in rec.published, what="refused publish reported")
         assert rec.published[1] == "Not authorized"
 
 
@@ -535,7 +524,7 @@ def test_broker_restart_reconnects_resubscribes_and_redelivers(
     pub = Publisher(broker.port)
     pub.publish("plant/line1", b"before restart")
     pub.close()
-    before = wait_for(lambda: rec.find(b"before restart"), message="message before restart")
+    before = wait_for(lambda: rec.find(b"before restart"), what="message before restart")
 
     broker.restart()  # SIGTERM: mosquitto saves the session with the unacknowledged message
     back = time.monotonic()
@@ -548,7 +537,7 @@ def test_broker_restart_reconnects_resubscribes_and_redelivers(
     assert any(s.state == DISCONNECTED and "connection lost" in s.last_error for s in rec.states)
     again = wait_for(
         lambda: next((m for m in rec.messages if m.dup and m.payload == b"before restart"), None),
-        message="redelivery after the restart",
+        what="redelivery after the restart",
     )
     assert again.connection == session.status.connection != before.connection
     assert session.ack([before]) == 0  # its packet id belongs to the old connection
@@ -560,7 +549,7 @@ def test_broker_restart_reconnects_resubscribes_and_redelivers(
         pub.publish("plant/line1", b"after restart")
     finally:
         pub.close()
-    wait_for(lambda: rec.find(b"after restart"), message="message after restart")
+    wait_for(lambda: rec.find(b"after restart"), what="message after restart")
 
 
 def test_half_open_connection_is_detected_and_replaced(mosquitto_factory, make_session):
@@ -610,10 +599,10 @@ def test_will_is_published_on_unclean_loss_only(broker_address, unique_topic, ma
     thief.connect(host, port)
     thief.loop_start()
     try:
-        wait_for(lambda: seen.find(b"gone"), message="will published")
+        wait_for(lambda: seen.find(b"gone"), what="will published")
         wait_for(
             lambda: any("connection lost" in (s.last_error or "") for s in rec.states),
-            message="takeover reported",
+            what="takeover reported",
         )
         lost.stop()
     finally:

@@ -38,43 +38,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from mqtt_engine.payload import from_column
 from tests.pgcluster import PgCluster
+from tests.support import LogFile, hold_for, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
 # ---------------------------------------------------------------------------------- waiting
-
-
-def _describe(what) -> str:
-    return what() if callable(what) else str(what)
-
-
-def wait_for(predicate, timeout: float, what, interval: float = 0.1):
-    """Poll ``predicate`` until it returns something true, and return that.
-
-    ``what`` (text, or a callable giving text: evaluated only on failure, so it can show the
-    current state) says what was awaited. Exceptions from ``predicate`` propagate.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {_describe(what)}")
-        time.sleep(interval)
-
-
-def hold_for(predicate, duration: float, what, interval: float = 0.2) -> None:
-    """Check that ``predicate`` stays true for ``duration`` seconds; fail the moment it breaks."""
-    deadline = time.monotonic() + duration
-    while True:
-        if not predicate():
-            raise AssertionError(f"no longer true: {_describe(what)}")
-        if time.monotonic() > deadline:
-            return
-        time.sleep(interval)
 
 
 def utc_timestamp(value: dt.datetime) -> float:
@@ -227,7 +197,7 @@ class HoldInserts:
 # ----------------------------------------------------------------------------------- runner
 
 
-class RunnerProcess:
+class RunnerProcess(LogFile):
     """``python -m mqtt_engine run --config FILE --heartbeat 1`` as a child process.
 
     :meth:`start` can be called again after :meth:`kill`: the log file is appended to, with a
@@ -298,15 +268,6 @@ class RunnerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 # -------------------------------------------------------------------------------- publisher

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -23,20 +22,9 @@ from mqtt_engine.payload import from_column, to_column
 from mqtt_engine.runner import Runner
 from mqtt_engine.standalone import sync_to_store
 from mqtt_engine.store import open_store
+from tests.support import wait_for
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    """Poll ``predicate`` until it returns something true; fail with ``what`` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Publisher:
