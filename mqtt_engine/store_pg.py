@@ -18,6 +18,7 @@ import psycopg2
 
 from . import schema
 from .store import (
+    _HISTORY_INSERT_COLUMNS,
     RunnerLock,
     Store,
     StoreConnection,
@@ -34,25 +35,10 @@ KEEPALIVES = {
 
 # Per-message columns go through COPY into a temporary stage table; the columns every row of a
 # batch shares (dates, direction, broker, company) are parameters of the INSERT that follows.
+_BATCH_COLUMNS = ("create_date", "write_date", "direction", "broker_id", "company_id", "attempts")
 _STAGE_COLUMNS = (
     "id",
-    "subscription_id",
-    "state",
-    "topic",
-    "payload",
-    "payload_preview",
-    "payload_size",
-    "payload_hash",
-    "qos",
-    "retain",
-    "redelivered",
-    "dedup_key",
-    "content_type",
-    "response_topic",
-    "correlation_data",
-    "message_expiry",
-    "payload_format",
-    "error",
+    *(c for c in _HISTORY_INSERT_COLUMNS if c not in _BATCH_COLUMNS and c != "received_at"),
     "received_epoch",
 )
 _CREATE_STAGE = (
