@@ -36,17 +36,25 @@ def pg_settings() -> dict[str, str]:
     }
 
 
-def odoo(args: argparse.Namespace, database: str, *extra: str) -> tuple[int, str]:
+def odoo_command(args: argparse.Namespace, database: str, *command: str) -> list[str]:
+    """``odoo-bin [command] --addons-path=… --db_*=… -d database``."""
     pg = pg_settings()
-    command = [
+    return [
         sys.executable,
         os.path.join(args.odoo_src, "odoo-bin"),
+        *command,
         f"--addons-path={os.path.join(args.odoo_src, 'addons')},{args.addons}",
         f"--db_host={pg['host']}",
         f"--db_port={pg['port']}",
         f"--db_user={pg['user']}",
         "-d",
         database,
+    ]
+
+
+def odoo(args: argparse.Namespace, database: str, *extra: str) -> tuple[int, str]:
+    command = [
+        *odoo_command(args, database),
         f"--http-port={free_port()}",
         "--stop-after-init",
         "--without-demo=all",
@@ -72,19 +80,7 @@ print("UNINSTALLED", module.state)
 
 def uninstall(args: argparse.Namespace, database: str) -> tuple[int, str]:
     """Uninstall the addon through the ORM (as the Apps menu does) in ``odoo-bin shell``."""
-    pg = pg_settings()
-    command = [
-        sys.executable,
-        os.path.join(args.odoo_src, "odoo-bin"),
-        "shell",
-        f"--addons-path={os.path.join(args.odoo_src, 'addons')},{args.addons}",
-        f"--db_host={pg['host']}",
-        f"--db_port={pg['port']}",
-        f"--db_user={pg['user']}",
-        "-d",
-        database,
-        "--no-http",
-    ]
+    command = [*odoo_command(args, database, "shell"), "--no-http"]
     result = subprocess.run(command, input=UNINSTALL, capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr
     code = result.returncode if "UNINSTALLED uninstalled" in log else 1
