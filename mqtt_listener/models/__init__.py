@@ -1,3 +1,6 @@
+from . import mqtt_config_mixin  # first: mqtt.broker and mqtt.subscription inherit it
+
+# isort: split
 from . import (
     mqtt_broker,
     mqtt_broker_state,

@@ -28,6 +28,7 @@ def _looks_like_pem(text, label):
 
 class MqttBroker(models.Model):
     _name = "mqtt.broker"
+    _inherit = ["mqtt.config.mixin"]
     _description = "MQTT Broker"
     _order = "sequence, name, id"
 
@@ -251,14 +252,13 @@ class MqttBroker(models.Model):
         elif not self.tls and self.port == 8883:
             self.port = 1883
 
-    # -- CRUD: every change wakes the runner -----------------------------------------------
+    # -- CRUD (every change wakes the runner: see mqtt.config.mixin) ---------------------
 
     @api.model_create_multi
     def create(self, vals_list):
         brokers = super().create(vals_list)
         for broker in brokers.filtered(lambda b: not b.client_id):
             broker.client_id = broker._default_client_id()
-        self.env["mqtt.service"]._notify_runner("config")
         return brokers
 
     def write(self, vals):
@@ -267,12 +267,6 @@ class MqttBroker(models.Model):
             # never empty: the session the broker keeps for us is keyed by this id
             for broker in self:
                 broker.client_id = broker._default_client_id()
-        self.env["mqtt.service"]._notify_runner("config")
-        return result
-
-    def unlink(self):
-        result = super().unlink()
-        self.env["mqtt.service"]._notify_runner("config")
         return result
 
     def _default_client_id(self):

@@ -14,6 +14,7 @@ from odoo.exceptions import ValidationError
 
 class MqttSubscription(models.Model):
     _name = "mqtt.subscription"
+    _inherit = ["mqtt.config.mixin"]
     _description = "MQTT Subscription"
     _rec_name = "topic_filter"
     _order = "broker_id, sequence, topic_filter, id"
@@ -153,21 +154,3 @@ class MqttSubscription(models.Model):
                         filter=subscription.topic_filter,
                     )
                 )
-
-    # -- every change wakes the runner -----------------------------------------------------
-
-    @api.model_create_multi
-    def create(self, vals_list):
-        subscriptions = super().create(vals_list)
-        self.env["mqtt.service"]._notify_runner("config")
-        return subscriptions
-
-    def write(self, vals):
-        result = super().write(vals)
-        self.env["mqtt.service"]._notify_runner("config")
-        return result
-
-    def unlink(self):
-        result = super().unlink()
-        self.env["mqtt.service"]._notify_runner("config")
-        return result
