@@ -29,5 +29,4 @@
     "uninstall_hook": "_uninstall_hook",
     "post_load": "_auto_start_mqtt",
     "application": True,
-    "installable": True,
 }

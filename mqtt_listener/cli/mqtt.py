@@ -9,6 +9,8 @@ mqtt_listener is installed; it stops cleanly on SIGTERM or Ctrl-C. See
 ``odoo.addons.mqtt_listener.server`` for the deployment modes.
 """
 
+# Absolute imports only: Odoo 19 loads this file as odoo.cli.mqtt, outside the addon package.
+# pylint: disable=odoo-addons-relative-import
 import argparse
 import logging
 import signal

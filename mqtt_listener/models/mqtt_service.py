@@ -54,7 +54,8 @@ class MqttService(models.Model):
         fresh = runners.search(runners._fresh_domain(), order="heartbeat_at desc")
         active = fresh.filtered(lambda r: r.role == "active")[:1]
         standby = fresh - active
-        brokers = self.env["mqtt.broker"].search([])
+        # a database has a handful of brokers: all of them are shown
+        brokers = self.env["mqtt.broker"].search([])  # pylint: disable=no-search-all
         backlog = sum(brokers.mapped("backlog"))
         last_error = active.last_error or next(
             (b.last_error for b in brokers if b.state in ("error", "auth_failed") and b.last_error),
@@ -146,8 +147,7 @@ class MqttService(models.Model):
         """Reconnect every broker of this database (and make sure the service runs)."""
         self._get_service()._set_desired_state("running")
         # the whole service restarts: every broker of the database, whatever the user's company
-        for broker in self.env["mqtt.broker"].sudo().search([]):
-            self._notify_runner(f"restart:{broker.id}")
+        self._notify_runner("restart")
         return True
 
     def _set_desired_state(self, state):

@@ -11,7 +11,6 @@ class MqttUserProperty(models.Model):
 
     message_id = fields.Many2one(
         "mqtt.publish.signal.history",
-        string="Message",
         required=True,
         ondelete="cascade",
         index=True,

@@ -44,6 +44,7 @@ Log lines to expect (logger ``odoo.addons.mqtt_listener``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -111,16 +112,15 @@ class MqttRunnerWorker(odoo_server.Worker):
 
     def sleep(self):
         # Never wait on the HTTP socket: this worker accepts no requests.
-        try:
+        with contextlib.suppress(InterruptedError):  # a signal: the loop checks self.alive
             select.select([self.wakeup_fd_r], [], [], self.multi.beat)
             odoo_server.empty_pipe(self.wakeup_fd_r)
-        except InterruptedError:
-            pass
 
     def signal_handler(self, sig, frame):
-        super().signal_handler(sig, frame)
+        result = super().signal_handler(sig, frame)
         if self.supervisor is not None:
             self.supervisor.stop(timeout=0)
+        return result
 
     def process_work(self):
         if self.supervisor is None:
@@ -132,7 +132,7 @@ class MqttRunnerWorker(odoo_server.Worker):
     def stop(self):
         if self.supervisor is not None:
             self.supervisor.stop()
-        super().stop()
+        return super().stop()
 
 
 def _prefork_process_spawn(self):

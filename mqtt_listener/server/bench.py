@@ -61,6 +61,8 @@ Figures depend on the machine: on a shared or busy host (tests running beside it
 noisy; run it twice and read the better run, or run it on an idle machine.
 """
 
+# A command: its output is the report, and it commits what the runner must see.
+# pylint: disable=print-used,invalid-commit
 from __future__ import annotations
 
 import base64
