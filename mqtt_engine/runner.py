@@ -149,6 +149,11 @@ class BrokerWorker:
             self._counted = (now, self.pipeline.stored, self.pipeline.outbox.sent)
         self.pipeline.outbox.queued = queued
         error = status.last_error or self.pipeline.last_error
+        if status.silent and status.last_packet_at:
+            silence = time.time() - status.last_packet_at
+            error = f"watchdog: nothing from the broker for {silence:.0f}s" + (
+                f"; {error}" if error else ""
+            )
         if status.failed_subscriptions:
             error = "; ".join(
                 [error or ""]
