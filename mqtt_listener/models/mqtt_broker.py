@@ -54,6 +54,7 @@ class MqttBroker(models.Model):
     )
     ws_path = fields.Char(string="WebSocket path", default="/mqtt")
     client_id = fields.Char(
+        string="Client ID",
         copy=False,
         help="The MQTT client id the listener connects with. Generated from the database and the "
         "broker, and stable, so the broker keeps the listener's session (and the messages that "
