@@ -328,6 +328,8 @@ class MqttBroker(models.Model):
                 "message": result.summary(),
                 "type": "success" if result.ok else "danger",
                 "sticky": True,
+                # one line per step: the web client would run the summary's lines together
+                "className": "text-prewrap",
             },
         }
 
