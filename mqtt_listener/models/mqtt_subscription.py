@@ -93,7 +93,11 @@ class MqttSubscription(models.Model):
     @api.depends("broker_id.name", "topic_filter", "share_group", "qos")
     def _compute_display_name(self):
         for subscription in self:
-            topic = subscription.topic_filter or ""
+            topic = subscription.topic_filter
+            if not topic:
+                # a new subscription: the breadcrumb then says "New", not "(QoS 1)"
+                subscription.display_name = False
+                continue
             if subscription.share_group:
                 topic = f"$share/{subscription.share_group}/{topic}"
             broker = subscription.broker_id.name
