@@ -49,7 +49,7 @@ class MqttPublishSignalHistory(models.Model):
         precompute=True,
     )
     direction = fields.Selection(
-        [("in", "Received"), ("out", "Sent")], required=True, readonly=True
+        [("in", "Incoming"), ("out", "Outgoing")], required=True, readonly=True
     )
     state = fields.Selection(
         [
