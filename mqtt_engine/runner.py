@@ -292,6 +292,9 @@ class DatabaseRunner(threading.Thread):
             "running" if desired.running else "stopped",
         )
         last_read = last_beat = 0.0
+        # Serving again: an outage of the database that is over is history (in the log), not
+        # a current error of this runner.
+        self.last_error = None
         self._heartbeat(connection)
         self._served = True
         while not self._stop_event.is_set():

@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 
 import psycopg2
+from psycopg2.extensions import parse_dsn
 
 from . import schema
 from .store import (
@@ -235,7 +236,10 @@ class PostgresStore(Store):
         self.dsn = dsn
 
     def raw_connect(self, autocommit: bool = False):
-        connection = psycopg2.connect(self.dsn, application_name="mqtt_engine", **KEEPALIVES)
+        # The DSN's own application_name (the addon names its connections) wins.
+        named = "application_name" in parse_dsn(self.dsn)
+        extra = {} if named else {"application_name": "mqtt_engine"}
+        connection = psycopg2.connect(self.dsn, **extra, **KEEPALIVES)
         connection.autocommit = autocommit
         return connection
 

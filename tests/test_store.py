@@ -175,7 +175,8 @@ def test_lock_is_lost_when_its_connection_is_killed(pg_database):
     connection = store.connect()
     connection.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_locks "
-        "WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
+        "WHERE locktype = 'advisory' AND pid <> pg_backend_pid() "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     )
     connection.commit()
     assert not lock.alive()
