@@ -224,18 +224,30 @@ def drain_bare(port: int, client_id: str, count: int) -> float:
 
 
 def drain_commit_per_message(port: int, client_id: str, count: int, dsn: str) -> float:
-    """(c): INSERT and COMMIT per message in the network callback. Returns msg/s."""
+    """(c): one INSERT and COMMIT per message in the network callback. Returns msg/s.
+
+    Like for like: each message becomes the same row the engine writes (preview, hash, dedup
+    key, received time), prepared by the same code; only the transaction per message differs.
+    """
     import psycopg2
 
+    from .config import BrokerConfig, SubscriptionConfig
+    from .ingest import MessagePreparer
+    from .paho_session import inbound_message
+    from .store import _HISTORY_INSERT_COLUMNS, history_values, utcnow
+
     connection = psycopg2.connect(dsn)
+    preparer = MessagePreparer(BrokerConfig(id=1, name="baseline"))
+    preparer.set_subscriptions((SubscriptionConfig(1, 1, TOPIC, dedup_mode="json", dedup_key="n"),))
+    sql = (
+        f"INSERT INTO mqtt_publish_signal_history ({', '.join(_HISTORY_INSERT_COLUMNS)}) "
+        f"VALUES ({', '.join(['%s'] * len(_HISTORY_INSERT_COLUMNS))})"
+    )
 
     def insert(message):
+        row = preparer.prepare(inbound_message(message, 0, True))
         with connection.cursor() as cr:
-            cr.execute(
-                "INSERT INTO mqtt_publish_signal_history (direction, state, topic, payload, qos)"
-                " VALUES ('in', 'received', %s, %s, %s)",
-                (message.topic, message.payload, message.qos),
-            )
+            cr.execute(sql, history_values(row, utcnow(), lambda data: data))
         connection.commit()
 
     try:
