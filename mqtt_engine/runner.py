@@ -236,10 +236,14 @@ class DatabaseRunner(threading.Thread):
                     backoff = 1.0
                     self._served = False
                 self.last_error = str(exc).strip() or type(exc).__name__
-                self.logger.warning(
+                # A table that does not exist (SQLSTATE 42P01): the addon is being uninstalled
+                # or upgraded; expected, and the supervisor forgets or resumes the database.
+                expected = getattr(exc, "pgcode", None) == "42P01"
+                self.logger.log(
+                    logging.INFO if expected else logging.WARNING,
                     "database %s: %s; brokers stopped, retrying in %.1fs",
                     self.store.name,
-                    self.last_error,
+                    self.last_error.splitlines()[0],
                     backoff,
                 )
                 self._stop_workers()

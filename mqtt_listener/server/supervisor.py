@@ -53,25 +53,30 @@ def database_dsn(dbname: str) -> str:
     return make_dsn(**{("dbname" if k == "database" else k): v for k, v in info.items()})
 
 
-def addon_installed(dbname: str) -> bool:
-    """Whether mqtt_listener is installed (and not being changed) in ``dbname``."""
+def addon_state(dbname: str) -> str | None:
+    """The state of mqtt_listener in ``dbname`` (``installed``, ``to install`` …) or None."""
     try:
         connection = psycopg2.connect(database_dsn(dbname), connect_timeout=10, **KEEPALIVES)
     except psycopg2.Error as exc:
         _logger.debug("database %s: cannot connect (%s)", dbname, exc)
-        return False
+        return None
     try:
         with connection.cursor() as cr:
             cr.execute("SELECT to_regclass('ir_module_module') IS NOT NULL")
             if not cr.fetchone()[0]:
-                return False
+                return None
             cr.execute("SELECT state FROM ir_module_module WHERE name = 'mqtt_listener'")
             row = cr.fetchone()
-            return bool(row) and row[0] == "installed"
+            return row[0] if row else None
     except psycopg2.Error:
-        return False
+        return None
     finally:
         connection.close()
+
+
+def addon_installed(dbname: str) -> bool:
+    """Whether mqtt_listener is installed (and not being changed) in ``dbname``."""
+    return addon_state(dbname) == "installed"
 
 
 class Supervisor:
@@ -91,9 +96,15 @@ class Supervisor:
             return list(self.databases)
         return configured_databases() or db_service.list_dbs(True)
 
-    def scan(self) -> None:
-        """Serve the databases that have the addon, forget those that lost it."""
-        wanted = {name for name in self.candidates() if addon_installed(name)}
+    def scan(self) -> bool:
+        """Serve the databases that have the addon, forget those that lost it.
+
+        Returns whether a database is in the middle of installing or upgrading the addon: its
+        install commits the post_init hook before the module is marked installed, so the
+        supervisor looks again every second until it is.
+        """
+        states = {name: addon_state(name) for name in self.candidates()}
+        wanted = {name for name, state in states.items() if state == "installed"}
         served = set(self.runner.databases)
         for name in sorted(wanted - served):
             _logger.info("MQTT service: serving database %s (%s)", name, self.mode)
@@ -101,6 +112,7 @@ class Supervisor:
         for name in sorted(served - wanted):
             _logger.info("MQTT service: database %s no longer has mqtt_listener installed", name)
             self.runner.forget(name)
+        return any(state in ("to install", "to upgrade") for state in states.values())
 
     def wake(self) -> None:
         """Scan now (after an install or uninstall in this process)."""
@@ -110,11 +122,12 @@ class Supervisor:
         """Scan and serve until :meth:`stop`; never dies of an exception."""
         _logger.info("MQTT service: supervisor started (%s)", self.mode)
         while not self._stopped.is_set():
+            changing = False
             try:
-                self.scan()
+                changing = self.scan()
             except Exception:
                 _logger.exception("MQTT service: scanning the databases failed")
-            self._wake.wait(self.scan_interval)
+            self._wake.wait(1.0 if changing else self.scan_interval)
             self._wake.clear()
         self.runner.stop()
         _logger.info("MQTT service: supervisor stopped (%s)", self.mode)
