@@ -88,6 +88,34 @@ def uninstall(args: argparse.Namespace, database: str) -> tuple[int, str]:
     return code, log
 
 
+def topologies(args: argparse.Namespace, database: str) -> list[str]:
+    """The threaded, prefork and standalone runners on ``database`` (odoo_topologies.py)."""
+    import tempfile
+
+    from odoo_topologies import check_topologies
+
+    pg = pg_settings()
+    dsn = f"host={pg['host']} port={pg['port']} user={pg['user']} dbname={database}"
+
+    def server(*extra: str) -> list[str]:
+        return [*odoo_command(args, database), f"--http-port={free_port()}", *extra]
+
+    def mqtt() -> list[str]:
+        # --addons-path=… must come first for Odoo to find the addon's command
+        command = odoo_command(args, database)
+        return [*command[:3], "mqtt", *command[3:]]
+
+    print("   topologies:")
+    with tempfile.TemporaryDirectory(prefix="mqtt-topologies-") as directory:
+        return check_topologies(
+            server,
+            lambda: server("--workers=2", "--max-cron-threads=1", "--load=base,web,mqtt_listener"),
+            mqtt,
+            dsn,
+            directory,
+        )
+
+
 def problems(log: str) -> list[str]:
     lines = log.splitlines()
     found = []
@@ -122,6 +150,8 @@ def main() -> int:
         for f, e, n in totals:
             failed, errors, ran = failed + int(f), errors + int(e), ran + int(n)
         trouble = problems(log)
+        if not code:
+            trouble += topologies(args, database)
         upgrade_code, upgrade_log = odoo(args, database, "-u", "mqtt_listener")
         trouble += [f"(upgrade) {p}" for p in problems(upgrade_log)]
         uninstall_code, uninstall_log = uninstall(args, database)
