@@ -64,6 +64,7 @@ class Table:
     columns: dict[str, str]
     unique: tuple[tuple[str, ...], ...] = ()
     indexes: tuple[tuple[str, ...], ...] = ()
+    partial_indexes: tuple[tuple[str, tuple[str, ...], str], ...] = ()  # (name, columns, where)
 
 
 BROKER = Table(
@@ -197,7 +198,10 @@ HISTORY = Table(
         "next_attempt_at": "datetime",
     },
     unique=(("broker_id", "dedup_key"),),
-    indexes=(("state", "direction"), ("received_at",)),
+    indexes=(("received_at",),),
+    # The outbox's work queue. Partial, so that received messages (nearly every row) cost no
+    # index entry: measured, every index is PostgreSQL CPU per stored message.
+    partial_indexes=(("outbox", ("broker_id", "id"), "direction = 'out' AND state = 'queued'"),),
 )
 
 USER_PROPERTY = Table(
@@ -228,6 +232,15 @@ def unique_constraint_name(table: Table, columns: tuple[str, ...]) -> str:
     return f"{table.name}_{'_'.join(columns)}_uniq"
 
 
+def partial_index_statements(table: Table) -> list[str]:
+    """``CREATE INDEX … WHERE …`` for the partial indexes of ``table`` (Odoo's init() too)."""
+    return [
+        f"CREATE INDEX IF NOT EXISTS {table.name}_{name}_idx "
+        f"ON {table.name} ({', '.join(columns)}) WHERE {where}"
+        for name, columns, where in table.partial_indexes
+    ]
+
+
 def create_statements(dialect: str) -> list[str]:
     """DDL creating every table for a standalone run (``postgresql`` or ``sqlite``)."""
     ddl = _PG_DDL if dialect == "postgresql" else _SQLITE_DDL
@@ -244,4 +257,5 @@ def create_statements(dialect: str) -> list[str]:
                 f"CREATE INDEX IF NOT EXISTS {table.name}_{'_'.join(index)}_idx "
                 f"ON {table.name} ({', '.join(index)})"
             )
+        statements.extend(partial_index_statements(table))
     return statements

@@ -19,9 +19,9 @@ import logging
 from datetime import timedelta
 
 from mqtt_engine import payload as engine_payload
+from mqtt_engine import schema
 
 from odoo import api, fields, models
-from odoo.tools.sql import create_index
 
 _logger = logging.getLogger(__name__)
 
@@ -118,13 +118,11 @@ class MqttPublishSignalHistory(models.Model):
         ]
 
     def init(self):
-        # the engine's work queue: messages to dispatch (received, in) and to send (queued, out)
-        create_index(
-            self.env.cr,
-            f"{self._table}_state_direction_idx",
-            self._table,
-            ["state", "direction"],
-        )
+        # the outbox's work queue, as the engine declares it (partial: received rows, nearly
+        # all of them, cost no index entry); the earlier full (state, direction) index goes
+        self.env.cr.execute(f"DROP INDEX IF EXISTS {self._table}_state_direction_idx")
+        for statement in schema.partial_index_statements(schema.HISTORY):
+            self.env.cr.execute(statement)
 
     @api.depends("broker_id")
     def _compute_company_id(self):
