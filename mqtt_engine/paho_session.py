@@ -152,29 +152,6 @@ _PUBLISH = 2
 _connection_numbers = itertools.count(1)
 
 
-class _Client(mqtt.Client):
-    """paho's client, but a PUBREC with an error reason ends the QoS 2 publish with that reason.
-
-    paho (2.1, 2.2: eclipse-paho/paho.mqtt.python#895) ignores the reason code of a PUBREC and
-    sends PUBREL anyway; the broker, which threw the message away, answers PUBCOMP, and
-    ``on_publish`` reports success. A QoS 2 publish the broker refused (MQTT 5 PUBREC 0x87 "Not
-    authorized" from an ACL, for instance) would be marked sent. Here a PUBREC of 0x80 or more
-    completes the publish at once with its reason and, as MQTT 5 requires (4.3.3), no PUBREL.
-    """
-
-    def _handle_pubrec(self):
-        packet = self._in_packet["packet"]
-        if self._protocol == mqtt.MQTTv5 and len(packet) > 2 and packet[2] >= 0x80:
-            mid = int.from_bytes(packet[:2], "big")
-            reason = ReasonCode(PacketTypes.PUBREC, identifier=packet[2])
-            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBREC (Mid: %d, %s)", mid, reason)
-            with self._out_message_mutex:
-                if mid in self._out_messages:
-                    return self._do_on_publish(mid, reason, Properties(PacketTypes.PUBREC))
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return super()._handle_pubrec()
-
-
 def message_properties(properties: Properties | None) -> MessageProperties | None:
     """The MQTT 5 properties of a received PUBLISH that the engine stores."""
     if properties is None:
@@ -554,7 +531,7 @@ class PahoSession(Session):
     def _new_client(self) -> mqtt.Client:
         c = self.config
         protocol = MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311
-        client = _Client(
+        client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=None if self._v5 else c.clean_start,
