@@ -112,10 +112,11 @@ from .session import (
     AUTH_FAILED,
     CONNECTED,
     CONNECTING,
+    CONNECTION_LOST,
     DISCONNECTED,
     ERROR,
+    NOT_CONNECTED,
     STOPPED,
-    TRANSIENT_PUBLISH_ERRORS,
     InboundMessage,
     MessageProperties,
     OnMessage,
@@ -131,7 +132,6 @@ from .topics import TopicError, validate_filter
 
 _logger = logging.getLogger(__name__)
 
-NOT_CONNECTED, CONNECTION_LOST = TRANSIENT_PUBLISH_ERRORS  # the outbox sends these again
 
 CONNECT_TIMEOUT = 5.0  # seconds for TCP connect, TLS handshake and WebSocket upgrade each
 CONNACK_TIMEOUT = 10.0  # seconds from the CONNECT to the CONNACK

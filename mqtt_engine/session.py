@@ -161,5 +161,7 @@ class Session(abc.ABC):
         return self.status.state == CONNECTED
 
 
-TRANSIENT_PUBLISH_ERRORS = ("not connected", "connection lost before acknowledgement")
+NOT_CONNECTED = "not connected"
+CONNECTION_LOST = "connection lost before acknowledgement"
+TRANSIENT_PUBLISH_ERRORS = (NOT_CONNECTED, CONNECTION_LOST)
 """``on_published`` errors that say nothing about the message: the outbox sends it again."""
