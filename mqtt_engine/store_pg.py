@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import time
 from collections.abc import Sequence
 
 import psycopg2
+import psycopg2.errors
 from psycopg2.extensions import parse_dsn
 
 from . import schema
@@ -61,6 +63,10 @@ _INSERT_FROM_STAGE = (
     "ON CONFLICT (broker_id, dedup_key) DO UPDATE SET redelivered = TRUE, "
     "write_date = EXCLUDED.write_date RETURNING id"
 )
+_COPY_HISTORY = (
+    f"COPY mqtt_publish_signal_history ({', '.join(_STAGED)}, received_at, "
+    f"{', '.join(_BATCH_COLUMNS)}) FROM STDIN"
+)
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -85,6 +91,40 @@ def _copy_bool(value: bool) -> str:
     return "t" if value else "f"
 
 
+def _copy_timestamp(epoch: float) -> str:
+    """A naive UTC timestamp in COPY's text format, from epoch seconds (no datetime made)."""
+    seconds = int(epoch)
+    micros = int((epoch - seconds) * 1e6)
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(seconds))}.{micros:06d}"
+
+
+def _core_line(row_id: int, m: StoredMessage, encode_binary) -> str:
+    """The per-message columns of a row (``_STAGED`` order) in COPY's text format."""
+    props = m.properties
+    return "\t".join(
+        (
+            str(row_id),
+            _copy_number(m.subscription_id),
+            m.state,
+            _copy_text(m.topic),
+            _copy_bytes(m.payload),
+            _copy_text(m.payload_preview),
+            str(m.payload_size),
+            m.payload_hash,
+            str(m.qos),
+            _copy_bool(m.retain),
+            _copy_bool(m.redelivered),
+            _copy_text(m.dedup_key),
+            _copy_text(props.content_type if props else None),
+            _copy_text(props.response_topic if props else None),
+            _copy_bytes(encode_binary(props.correlation_data) if props else None),
+            _copy_number(props.message_expiry if props else None),
+            _copy_number(props.payload_format if props else None),
+            _copy_text(m.error),
+        )
+    )
+
+
 def _database_name(dsn: str) -> str:
     match = re.search(r"dbname=(\S+)", dsn) or re.search(r"/([^/?]+)(\?|$)", dsn)
     return match.group(1) if match else dsn
@@ -104,78 +144,85 @@ class PostgresConnection(StoreConnection):
         return None if value is None else psycopg2.Binary(value)
 
     def insert_messages(self, messages: list[StoredMessage]) -> tuple[list[int], int]:
-        """COPY the batch into a stage table, then one INSERT … ON CONFLICT from it.
+        """Insert a batch by COPY, in one transaction.
 
-        The ids are taken from the table's sequence beforehand, so which rows are new is
-        known exactly (a row that met its dedup key comes back with the existing row's id),
-        without relying on the order of RETURNING.
+        The ids are taken from the table's sequence first. The batch is COPYed straight into
+        the history table; if a row meets an existing dedup key (a redelivery: rare, after a
+        crash or a reconnect), that transaction is rolled back and the batch goes through a
+        temporary stage table and one ``INSERT … ON CONFLICT`` instead, which flags the
+        existing rows redelivered. Which rows are new is known exactly either way (a row that
+        met its key comes back with the existing row's id), without relying on RETURNING's order.
         """
         if not messages:
             return [], 0
         with self.raw.cursor() as cr:
-            if not self._stage_ready:
-                cr.execute(_CREATE_STAGE)
+            if self._sequence is None:
                 cr.execute("SELECT pg_get_serial_sequence('mqtt_publish_signal_history', 'id')")
                 self._sequence = cr.fetchone()[0]
-                self._stage_ready = True
             cr.execute(
                 "SELECT nextval(%s) FROM generate_series(1, %s)", (self._sequence, len(messages))
             )
             ids = [row[0] for row in cr.fetchall()]
-            lines = []
-            for row_id, m in zip(ids, messages, strict=True):
-                props = m.properties
-                lines.append(
-                    "\t".join(
-                        (
-                            str(row_id),
-                            _copy_number(m.subscription_id),
-                            m.state,
-                            _copy_text(m.topic),
-                            _copy_bytes(m.payload),
-                            _copy_text(m.payload_preview),
-                            str(m.payload_size),
-                            m.payload_hash,
-                            str(m.qos),
-                            _copy_bool(m.retain),
-                            _copy_bool(m.redelivered),
-                            _copy_text(m.dedup_key),
-                            _copy_text(props.content_type if props else None),
-                            _copy_text(props.response_topic if props else None),
-                            _copy_bytes(
-                                super().encode_binary(props.correlation_data) if props else None
-                            ),
-                            _copy_number(props.message_expiry if props else None),
-                            _copy_number(props.payload_format if props else None),
-                            _copy_text(m.error),
-                            repr(m.received_at),
-                        )
+            encode = super().encode_binary  # the base64 bytes, not psycopg2's Binary
+            cores = [_core_line(row_id, m, encode) for row_id, m in zip(ids, messages, strict=True)]
+        first = messages[0]
+        now = utcnow()
+        try:
+            with self.raw.cursor() as cr:
+                batch = "\t".join(
+                    (
+                        now.isoformat(sep=" "),
+                        now.isoformat(sep=" "),
+                        "in",
+                        str(first.broker_id),
+                        _copy_number(first.company_id),
+                        "0",
                     )
                 )
-            buffer = io.StringIO("\n".join(lines) + "\n")
+                lines = [
+                    f"{core}\t{_copy_timestamp(m.received_at)}\t{batch}"
+                    for core, m in zip(cores, messages, strict=True)
+                ]
+                cr.copy_expert(_COPY_HISTORY, io.StringIO("\n".join(lines) + "\n"))
+                new_ids = ids
+                self._copy_properties(cr, ids, messages, set(ids))
+            self.raw.commit()
+            return new_ids, 0
+        except psycopg2.errors.UniqueViolation:
+            self.raw.rollback()  # a redelivery among them: the stage and ON CONFLICT way
+        with self.raw.cursor() as cr:
+            if not self._stage_ready:
+                cr.execute(_CREATE_STAGE)
+                self._stage_ready = True
+            lines = [f"{core}\t{m.received_at!r}" for core, m in zip(cores, messages, strict=True)]
             cr.copy_expert(
-                f"COPY mqtt_ingest_stage ({', '.join(_STAGE_COLUMNS)}) FROM STDIN", buffer
+                f"COPY mqtt_ingest_stage ({', '.join(_STAGE_COLUMNS)}) FROM STDIN",
+                io.StringIO("\n".join(lines) + "\n"),
             )
-            first = messages[0]
             cr.execute(
                 _INSERT_FROM_STAGE,
-                {"now": utcnow(), "broker": first.broker_id, "company": first.company_id},
+                {"now": now, "broker": first.broker_id, "company": first.company_id},
             )
             returned = {row[0] for row in cr.fetchall()}
             new_ids = [row_id for row_id in ids if row_id in returned]
-            properties = [
-                f"{row_id}\t{sequence}\t{_copy_text(key)}\t{_copy_text(value)}"
-                for row_id, m in zip(ids, messages, strict=True)
-                if row_id in returned and m.properties and m.properties.user_properties
-                for sequence, (key, value) in enumerate(m.properties.user_properties)
-            ]
-            if properties:
-                cr.copy_expert(
-                    "COPY mqtt_user_property (message_id, sequence, key, value) FROM STDIN",
-                    io.StringIO("\n".join(properties) + "\n"),
-                )
+            self._copy_properties(cr, ids, messages, returned)
         self.raw.commit()
         return new_ids, len(messages) - len(new_ids)
+
+    @staticmethod
+    def _copy_properties(cr, ids: list[int], messages: list[StoredMessage], new: set) -> None:
+        """COPY the user properties of the new rows among ``messages``."""
+        properties = [
+            f"{row_id}\t{sequence}\t{_copy_text(key)}\t{_copy_text(value)}"
+            for row_id, m in zip(ids, messages, strict=True)
+            if row_id in new and m.properties and m.properties.user_properties
+            for sequence, (key, value) in enumerate(m.properties.user_properties)
+        ]
+        if properties:
+            cr.copy_expert(
+                "COPY mqtt_user_property (message_id, sequence, key, value) FROM STDIN",
+                io.StringIO("\n".join(properties) + "\n"),
+            )
 
 
 class PostgresLock(RunnerLock):
