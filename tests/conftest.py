@@ -80,3 +80,20 @@ def pg_database(pg_admin_dsn):
             )
             cr.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def store(request, tmp_path):
+    """An engine store with its tables: a fresh PostgreSQL database, or a SQLite file.
+
+    SQLite has no NOTIFY: its runner polls, every half second here.
+    """
+    from mqtt_engine.store import open_store
+
+    if request.param == "postgresql":
+        result = open_store(request.getfixturevalue("pg_database"))
+    else:
+        result = open_store(f"sqlite:///{tmp_path / 'engine.sqlite3'}")
+        result.poll_interval = 0.5
+    result.create_schema()
+    return result

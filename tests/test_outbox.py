@@ -23,7 +23,6 @@ from paho.mqtt.properties import Properties
 from mqtt_engine import schema
 from mqtt_engine.paho_session import PahoSession
 from mqtt_engine.runner import Runner
-from mqtt_engine.store import open_store
 from tests.support import hold_for, wait_for
 from tests.test_runner import broker_state, configure, rows
 
@@ -33,18 +32,6 @@ OUTBOX_ROWS = (
     "SELECT id, topic, state, error, sent_at FROM mqtt_publish_signal_history "
     "WHERE direction = 'out' ORDER BY id"
 )
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def store(request, tmp_path):
-    """As in tests/test_runner.py: a fresh PostgreSQL database, or a SQLite file."""
-    if request.param == "postgresql":
-        result = open_store(request.getfixturevalue("pg_database"))
-    else:
-        result = open_store(f"sqlite:///{tmp_path / 'engine.sqlite3'}")
-        result.poll_interval = 0.5  # no NOTIFY in SQLite: poll fast in tests
-    result.create_schema()
-    return result
 
 
 def fast_reconnect_session(broker, **kwargs) -> PahoSession:

@@ -58,17 +58,6 @@ class Publisher:
         self.client.loop_stop()
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def store(request, tmp_path):
-    if request.param == "postgresql":
-        result = open_store(request.getfixturevalue("pg_database"))
-    else:
-        result = open_store(f"sqlite:///{tmp_path / 'engine.sqlite3'}")
-        result.poll_interval = 0.5  # no NOTIFY in SQLite: poll fast in tests
-    result.create_schema()
-    return result
-
-
 @pytest.fixture
 def publisher(broker_address):
     client = Publisher(*broker_address)

@@ -15,17 +15,6 @@ from mqtt_engine.store import StoredMessage, open_store, utcnow
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def store(request, tmp_path):
-    if request.param == "postgresql":
-        dsn = request.getfixturevalue("pg_database")
-        result = open_store(dsn)
-    else:
-        result = open_store(f"sqlite:///{tmp_path / 'engine.sqlite3'}")
-    result.create_schema()
-    return result
-
-
 def _message(n: int, dedup: str | None = None, **overrides) -> StoredMessage:
     data = f'{{"n": {n}}}'.encode()
     values = dict(
