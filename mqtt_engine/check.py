@@ -163,7 +163,7 @@ def _broker_warnings(config: BrokerConfig, version: list[str]) -> list[str]:
     if not version or "mosquitto" in version[0].lower():
         warnings.append(
             f"{name}: mosquitto's max_queued_messages (default 1000) drops QoS 1/2 messages for "
-            "an offline or slow listener beyond that count; set it to 0 (no limit) or large, and "
+            "an offline or slow listener beyond that count; set it large (10000000), and "
             "'persistence true' so that a broker restart keeps them"
         )
     return warnings

@@ -31,7 +31,9 @@ Options:
 Settings that lose messages in a stock mosquitto 2.0, and what this config does about them:
 
 - ``max_queued_messages`` (default 1000): QoS 1/2 messages beyond 1000 queued for a slow or
-  offline persistent client are **silently dropped**. Set to 0 here (no limit).
+  offline persistent client are **silently dropped**. Ten million here: no limit in practice
+  (0, "no limit", makes mosquitto before 2.0.22 hang up on a client after any refused PUBLISH:
+  eclipse-mosquitto/mosquitto#3244).
 - ``max_queued_bytes`` (default 0, no limit): when set, the same silent drop by size.
 - ``persistence`` (default false): a broker restart forgets every session and every queued
   message. Off here unless asked; the machine's own broker has it on.
@@ -263,7 +265,7 @@ class Mosquitto(LogFile):
             "log_type subscribe",
             "log_type unsubscribe",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-            "max_queued_messages 0",
+            "max_queued_messages 10000000",
             "max_inflight_messages 0",
             f"allow_anonymous {'false' if self.users else 'true'}",
         ]

@@ -249,9 +249,9 @@ def test_rows_queued_while_no_runner_runs_are_sent_by_the_next_runner(
 @pytest.mark.parametrize(
     "queue_limit",
     [
-        # tests/mosquitto.py's "no limit": mosquitto before 2.0.22 (eclipse-mosquitto/mosquitto
-        # #3244) then drops the connection ("Quota exceeded") right after every refusal.
-        None,
+        # "No limit": mosquitto before 2.0.22 (eclipse-mosquitto/mosquitto#3244) then drops the
+        # connection ("Quota exceeded") right after every refusal.
+        0,
         # A stock limit: the refusal alone, the connection stays.
         1000,
     ],
@@ -265,7 +265,7 @@ def test_a_qos1_publish_refused_by_the_broker_is_failed_with_the_reason(
     # under 3.1.1 a refusal cannot be told from a success (not tested: nothing to see).
     broker = mosquitto_factory(
         denied=[f"{unique_topic}/denied/#"],
-        extra=f"max_queued_messages {queue_limit}" if queue_limit else "",
+        extra=f"max_queued_messages {queue_limit}",
     )
     subscriber = subscribers(broker.port, f"{unique_topic}/allowed/#")
     configure(store, ("127.0.0.1", broker.port), [])
@@ -290,7 +290,7 @@ def test_a_row_that_makes_the_broker_hang_up_is_failed_and_does_not_starve_the_r
     # PUBLISH (mosquitto#3244), before any PUBCOMP: the row is in flight at every drop. (With a
     # stock limit paho would report the refused QoS 2 publish as acknowledged: it ignores
     # PUBREC's reason code, eclipse-paho/paho.mqtt.python#895; see mqtt_engine/outbox.py.)
-    broker = mosquitto_factory(denied=[f"{unique_topic}/denied/#"])
+    broker = mosquitto_factory(denied=[f"{unique_topic}/denied/#"], extra="max_queued_messages 0")
     subscriber = subscribers(broker.port, f"{unique_topic}/allowed/#")
     configure(store, ("127.0.0.1", broker.port), [])
     runner(store)
