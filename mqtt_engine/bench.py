@@ -247,7 +247,7 @@ def drain_commit_per_message(port: int, client_id: str, count: int, dsn: str) ->
     def insert(message):
         row = preparer.prepare(inbound_message(message, 0, True))
         with connection.cursor() as cr:
-            cr.execute(sql, history_values(row, utcnow(), lambda data: data))
+            cr.execute(sql, history_values(row, utcnow()))
         connection.commit()
 
     try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from . import schema
 from .config import DesiredState, broker_from_row, subscription_from_row
+from .payload import from_column, to_column
 from .session import MessageProperties
 
 
@@ -98,7 +99,7 @@ _BROKER_COLUMNS = tuple(schema.BROKER.columns)
 _SUBSCRIPTION_COLUMNS = tuple(schema.SUBSCRIPTION.columns)
 
 
-def history_values(message: StoredMessage, now: dt.datetime, encode_binary) -> tuple:
+def history_values(message: StoredMessage, now: dt.datetime) -> tuple:
     """The values of one history row, in :data:`_HISTORY_INSERT_COLUMNS` order."""
     props = message.properties
     return (
@@ -120,7 +121,7 @@ def history_values(message: StoredMessage, now: dt.datetime, encode_binary) -> t
         message.dedup_key,
         props.content_type if props else None,
         props.response_topic if props else None,
-        encode_binary(props.correlation_data) if props else None,
+        to_column(props.correlation_data) if props else None,
         props.message_expiry if props else None,
         props.payload_format if props else None,
         message.error,
@@ -151,16 +152,6 @@ class StoreConnection(abc.ABC):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.raw.close()
-
-    def encode_binary(self, data: bytes | None):
-        from .payload import to_column
-
-        return to_column(data)
-
-    def decode_binary(self, value) -> bytes:
-        from .payload import from_column
-
-        return from_column(value)
 
     @abc.abstractmethod
     def insert_messages(self, messages: list[StoredMessage]) -> tuple[list[int], int]:
@@ -222,7 +213,7 @@ class StoreConnection(abc.ABC):
                 user_properties=user_props.get(row_id, []),
                 content_type=ctype or None,
                 response_topic=rtopic or None,
-                correlation_data=self.decode_binary(corr) if corr else None,
+                correlation_data=from_column(corr) if corr else None,
                 message_expiry=expiry or None,
                 payload_format=fmt,
             )
@@ -230,7 +221,7 @@ class StoreConnection(abc.ABC):
                 OutboxRow(
                     id=row_id,
                     topic=topic or "",
-                    payload=self.decode_binary(payload) if payload else b"",
+                    payload=from_column(payload) if payload else b"",
                     qos=int(qos or 0),
                     retain=bool(retain),
                     attempts=int(attempts or 0),

@@ -20,6 +20,7 @@ import psycopg2.errors
 from psycopg2.extensions import parse_dsn
 
 from . import schema
+from .payload import to_column
 from .store import (
     _HISTORY_INSERT_COLUMNS,
     RunnerLock,
@@ -98,7 +99,7 @@ def _copy_timestamp(epoch: float) -> str:
     return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(seconds))}.{micros:06d}"
 
 
-def _core_line(row_id: int, m: StoredMessage, encode_binary) -> str:
+def _core_line(row_id: int, m: StoredMessage) -> str:
     """The per-message columns of a row (``_STAGED`` order) in COPY's text format."""
     props = m.properties
     return "\t".join(
@@ -117,7 +118,7 @@ def _core_line(row_id: int, m: StoredMessage, encode_binary) -> str:
             _copy_text(m.dedup_key),
             _copy_text(props.content_type if props else None),
             _copy_text(props.response_topic if props else None),
-            _copy_bytes(encode_binary(props.correlation_data) if props else None),
+            _copy_bytes(to_column(props.correlation_data) if props else None),
             _copy_number(props.message_expiry if props else None),
             _copy_number(props.payload_format if props else None),
             _copy_text(m.error),
@@ -139,10 +140,6 @@ class PostgresConnection(StoreConnection):
             cr.execute(sql, tuple(params))
             return cr.fetchall() if cr.description else []
 
-    def encode_binary(self, data):
-        value = super().encode_binary(data)
-        return None if value is None else psycopg2.Binary(value)
-
     def insert_messages(self, messages: list[StoredMessage]) -> tuple[list[int], int]:
         """Insert a batch by COPY, in one transaction.
 
@@ -163,8 +160,7 @@ class PostgresConnection(StoreConnection):
                 "SELECT nextval(%s) FROM generate_series(1, %s)", (self._sequence, len(messages))
             )
             ids = [row[0] for row in cr.fetchall()]
-            encode = super().encode_binary  # the base64 bytes, not psycopg2's Binary
-            cores = [_core_line(row_id, m, encode) for row_id, m in zip(ids, messages, strict=True)]
+            cores = [_core_line(row_id, m) for row_id, m in zip(ids, messages, strict=True)]
         first = messages[0]
         now = utcnow()
         try:

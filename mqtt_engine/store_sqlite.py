@@ -63,7 +63,7 @@ class SqliteConnection(StoreConnection):
                     )
                     duplicates += 1
                     continue
-            values = [_adapt(v) for v in history_values(message, now, self.encode_binary)]
+            values = [_adapt(v) for v in history_values(message, now)]
             row_id = self.raw.execute(_INSERT_HISTORY, values).lastrowid
             new_ids.append(row_id)
             if message.properties and message.properties.user_properties:

@@ -22,6 +22,7 @@ from paho.mqtt.properties import Properties
 
 from mqtt_engine import schema
 from mqtt_engine.paho_session import PahoSession
+from mqtt_engine.payload import to_column
 from mqtt_engine.runner import Runner
 from tests.support import hold_for, wait_for
 from tests.test_runner import broker_state, configure, rows
@@ -125,13 +126,13 @@ def queue(store, topic: str, payload: bytes, qos: int = 1, user_properties=(), *
     try:
         (broker_id,) = connection.execute("SELECT id FROM mqtt_broker")[0]
         if "correlation_data" in columns:
-            columns["correlation_data"] = connection.encode_binary(columns["correlation_data"])
+            columns["correlation_data"] = to_column(columns["correlation_data"])
         values = {
             "direction": "out",
             "state": "queued",
             "broker_id": broker_id,
             "topic": topic,
-            "payload": connection.encode_binary(payload),
+            "payload": to_column(payload),
             "qos": qos,
             "retain": False,
             **columns,
