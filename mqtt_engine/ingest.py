@@ -267,8 +267,6 @@ class BrokerPipeline:
         self.session: Session | None = None
         self.outbox = Outbox(self, limit=outbox_limit)
         self.stored = 0
-        self.duplicates = 0
-        self.failed = 0
         self.last_message_at: float | None = None
         self.last_error: str | None = None
         self._connection: StoreConnection | None = None
@@ -358,22 +356,18 @@ class BrokerPipeline:
     def _write(self, batch: list[InboundMessage]) -> None:
         rows = []
         seen: set[str] = set()
-        in_batch_duplicates = 0
         for message in batch:
             row = self.preparer.prepare(message)
             if row.dedup_key is not None:
                 if row.dedup_key in seen:
-                    in_batch_duplicates += 1
                     continue
                 seen.add(row.dedup_key)
             rows.append(row)
-        new_ids, duplicates = self._connection.insert_messages(rows)
+        new_ids, _already_stored = self._connection.insert_messages(rows)
         # Committed: now, and only now, the broker may forget these messages.
         if self.session is not None:
             self.session.ack(batch)
         self.stored += len(new_ids)
-        self.duplicates += duplicates + in_batch_duplicates
-        self.failed += sum(1 for row in rows if row.state == "failed")
         self.last_message_at = batch[-1].received_at
         if self.on_stored is not None and new_ids:
             try:

@@ -48,7 +48,6 @@ class Outbox:
         self.due = True
         self.queued = 0
         self.sent = 0
-        self.failed = 0
         self._in_flight: set[int] = set()
         self._lost: collections.Counter[int] = collections.Counter()  # row id -> dropped
         self._completions: collections.deque[tuple[int, str | None]] = collections.deque()
@@ -90,7 +89,6 @@ class Outbox:
                 validate_topic(row.topic)
             except TopicError as exc:
                 connection.mark_publish_failed(row.id, f"invalid topic: {exc}", None)
-                self.failed += 1
                 continue
             self._in_flight.add(row.id)
             session.publish(
@@ -118,7 +116,6 @@ class Outbox:
                 self.due = True  # still queued: sent again once connected
             else:
                 connection.mark_publish_failed(token, f"refused by the broker: {error}", None)
-                self.failed += 1
         if sent:
             connection.mark_sent(sent)
             self.sent += len(sent)
@@ -135,5 +132,4 @@ class Outbox:
             "message was in flight (a refusal? see the broker's log); not sent again",
             None,
         )
-        self.failed += 1
         return True
