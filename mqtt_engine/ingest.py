@@ -40,38 +40,54 @@ OnStored = Callable[[int, list[int]], None]  # broker id, ids of the new history
 
 
 class Inbox:
-    """A bounded FIFO between the network thread and the writer (count and bytes)."""
+    """A bounded FIFO from one producer (the network thread) to one consumer (the writer).
+
+    Bounded by count and by bytes. The producer's path takes no lock: it appends to a deque
+    (atomic) and counts the bytes it added, the consumer counts the bytes it took, and their
+    difference is what the inbox holds. The lock and its condition serve only to wait: the
+    writer for a first message or a full batch, the producer while the inbox is full. The
+    producer wakes the writer only when what the writer waits for is there, not once per
+    message.
+    """
 
     def __init__(self, max_messages: int, max_bytes: int):
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._items: collections.deque[InboundMessage] = collections.deque()
-        self._bytes = 0
+        self._bytes_in = 0  # written by the producer only
+        self._bytes_out = 0  # written by the consumer only
         self._closed = False
         self._wakeups = 0
-        self._takers = 0  # writers waiting in take()
+        self._wanted = 0  # how many messages the waiting writer needs; 0: it does not wait
         self._condition = threading.Condition()
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def _full(self, size: int) -> bool:
+        return bool(self._items) and (
+            len(self._items) >= self.max_messages
+            or self._bytes_in - self._bytes_out + size > self.max_bytes
+        )
+
     def put(self, message: InboundMessage) -> bool:
         """Append, waiting while full; False if the inbox was closed meanwhile."""
         size = len(message.payload)
-        with self._condition:
-            while (
-                not self._closed
-                and self._items
-                and (len(self._items) >= self.max_messages or self._bytes + size > self.max_bytes)
-            ):
-                self._condition.wait(0.5)
-            if self._closed:
-                return False
-            self._items.append(message)
-            self._bytes += size
-            if self._takers:  # wake the writer only when it waits (not once per message)
+        if self._closed:
+            return False
+        if self._full(size):
+            with self._condition:
+                while not self._closed and self._full(size):
+                    self._condition.wait(0.5)
+                if self._closed:
+                    return False
+        self._items.append(message)
+        self._bytes_in += size
+        wanted = self._wanted  # read after the append: see _wait
+        if wanted and len(self._items) >= wanted:
+            with self._condition:
                 self._condition.notify_all()
-            return True
+        return True
 
     def wake(self) -> None:
         """Make a waiting :meth:`take` return early (outbox work, shutdown)."""
@@ -81,41 +97,50 @@ class Inbox:
 
     def take(self, max_count: int, window: float, idle: float) -> list[InboundMessage]:
         """A batch: wait up to ``idle`` for a first message, then up to ``window`` for more."""
+        items = self._items
         with self._condition:
             wakeups = self._wakeups
             deadline = time.monotonic() + idle
-            while not self._items and not self._closed and self._wakeups == wakeups:
+            while not items and not self._closed and self._wakeups == wakeups:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                self._wait(remaining)
-            if self._items and len(self._items) < max_count:
+                self._wait(1, remaining)
+            if items and len(items) < max_count:
                 deadline = time.monotonic() + window
-                while len(self._items) < max_count and not self._closed:
+                while len(items) < max_count and not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                    self._wait(remaining)
+                    self._wait(max_count, remaining)
             batch = []
-            while self._items and len(batch) < max_count:
-                message = self._items.popleft()
-                self._bytes -= len(message.payload)
+            taken = 0
+            while items and len(batch) < max_count:
+                message = items.popleft()
+                taken += len(message.payload)
                 batch.append(message)
-            self._condition.notify_all()
+            self._bytes_out += taken
+            self._condition.notify_all()  # a producer waiting for room
             return batch
 
-    def _wait(self, timeout: float) -> None:
-        self._takers += 1
+    def _wait(self, wanted: int, timeout: float) -> None:
+        """Wait (lock held) until ``wanted`` messages are queued, a wake-up, or ``timeout``.
+
+        The count is checked again after ``_wanted`` is set: a producer that appended before
+        that is seen here, one that appended after it sees ``_wanted`` and notifies.
+        """
+        self._wanted = wanted
         try:
-            self._condition.wait(timeout)
+            if len(self._items) < wanted:
+                self._condition.wait(timeout)
         finally:
-            self._takers -= 1
+            self._wanted = 0
 
     def clear(self) -> int:
         with self._condition:
             count = len(self._items)
             self._items.clear()
-            self._bytes = 0
+            self._bytes_out = self._bytes_in
             self._condition.notify_all()
             return count
 
@@ -160,27 +185,26 @@ class MessagePreparer:
     def prepare(self, message: InboundMessage) -> StoredMessage:
         data = message.payload
         size = len(data)
-        digest = payload_tools.sha256_hex(data)
         props = message.properties
         if props is not None:
-            props.user_properties = [
-                (_clean_text(k), _clean_text(v)) for k, v in props.user_properties
-            ]
+            if props.user_properties:
+                props.user_properties = [
+                    (_clean_text(k), _clean_text(v)) for k, v in props.user_properties
+                ]
             if props.content_type:
                 props.content_type = _clean_text(props.content_type)
             if props.response_topic:
                 props.response_topic = _clean_text(props.response_topic)
         error = None
         subscription = None
-        if message.topic is None:
+        topic = message.topic
+        if topic is None:
             topic = message.topic_raw.decode("utf-8", "replace") or "(undecodable topic)"
             error = message.topic_error or "topic is not valid UTF-8"
         else:
-            topic = message.topic
             subscription = self._subscription_of(topic)
-        topic = _clean_text(topic)
-        stored_payload = payload_tools.to_column(data)
-        preview = payload_tools.preview(data)
+        if "\x00" in topic:
+            topic = _clean_text(topic)
         dedup_key = None
         if size > self.broker.max_payload_size:
             error = (
@@ -189,8 +213,10 @@ class MessagePreparer:
             )
             stored_payload = None
             preview = f"(not kept: {size:,} bytes, above the limit)"
-        elif error is None:
-            if props is not None and props.payload_format == 1:
+        else:
+            stored_payload = payload_tools.to_column(data)
+            preview = payload_tools.preview(data)
+            if error is None and props is not None and props.payload_format == 1:
                 try:
                     data.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -198,7 +224,7 @@ class MessagePreparer:
                         "payload format indicator says UTF-8, but byte "
                         f"0x{data[exc.start]:02x} at position {exc.start} is not valid UTF-8"
                     )
-            if error is None and subscription is not None:
+            if error is None and subscription is not None and subscription.dedup_key:
                 dedup_key, error = self._dedup_key(subscription, message)
         return StoredMessage(
             broker_id=self.broker.id,
@@ -209,7 +235,7 @@ class MessagePreparer:
             payload=stored_payload,
             payload_preview=preview,
             payload_size=size,
-            payload_hash=digest,
+            payload_hash=payload_tools.sha256_hex(data),
             qos=message.qos,
             retain=message.retain,
             redelivered=message.dup,

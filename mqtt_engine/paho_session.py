@@ -137,6 +137,9 @@ CONNECT_TIMEOUT = 5.0  # seconds for TCP connect, TLS handshake and WebSocket up
 CONNACK_TIMEOUT = 10.0  # seconds from the CONNECT to the CONNACK
 STABLE_AFTER = 10.0  # a connection that lasted this long resets the reconnect backoff
 TICK = 0.5  # the watchdog's period; everything else is woken by events
+# paho reads one packet per loop_read(): while each read brings a message, read again (up to
+# this many) before going back to select(), acks and commands.
+READ_BURST = 32
 SUBSCRIBE_CHUNK = 100  # filters per SUBSCRIBE / UNSUBSCRIBE packet
 AUTH_CODES = {
     134: "authentication failed: bad user name or password",
@@ -153,16 +156,23 @@ _connection_numbers = itertools.count(1)
 
 
 def message_properties(properties: Properties | None) -> MessageProperties | None:
-    """The MQTT 5 properties of a received PUBLISH that the engine stores."""
+    """The MQTT 5 properties of a received PUBLISH that the engine stores.
+
+    paho keeps each property present as an attribute of that name; reading them from the
+    instance's attributes costs a dict lookup each, where ``getattr`` with a default pays for
+    an AttributeError per absent property (this runs for every message).
+    """
     if properties is None:
         return None
+    present = vars(properties)
+    user = present.get("UserProperty")
     return MessageProperties(
-        user_properties=[(str(k), str(v)) for k, v in getattr(properties, "UserProperty", [])],
-        content_type=getattr(properties, "ContentType", None),
-        response_topic=getattr(properties, "ResponseTopic", None),
-        correlation_data=getattr(properties, "CorrelationData", None),
-        message_expiry=getattr(properties, "MessageExpiryInterval", None),
-        payload_format=getattr(properties, "PayloadFormatIndicator", None),
+        user_properties=[(str(k), str(v)) for k, v in user] if user else [],
+        content_type=present.get("ContentType"),
+        response_topic=present.get("ResponseTopic"),
+        correlation_data=present.get("CorrelationData"),
+        message_expiry=present.get("MessageExpiryInterval"),
+        payload_format=present.get("PayloadFormatIndicator"),
     )
 
 
@@ -303,6 +313,7 @@ class PahoSession(Session):
         self._attempt = 0
         self._logged_error: str | None = None
         self._last_rx = 0.0
+        self._received = 0  # messages handed over (the network thread only)
         self._next_watch = 0.0
         self._ssl_context: ssl.SSLContext | None = None
 
@@ -721,13 +732,17 @@ class PahoSession(Session):
             now = time.monotonic()
             if readable or timeout == 0.0:
                 self._last_rx = now
-                if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    return
+                for _ in range(READ_BURST):  # while messages keep coming: no select between
+                    received = self._received
+                    if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        return
+                    if client.socket() is None:
+                        return
+                    if self._received == received:
+                        break
                 after = time.monotonic()
                 if after - now > max(self._keepalive / 2, 1.0):
                     self._last_rx = after  # a callback blocked: that was not broker silence
-                if client.socket() is None:
-                    return
             if (
                 (writable or client.want_write())
                 and client.socket() is not None
@@ -945,6 +960,7 @@ class PahoSession(Session):
             self._drop_reason = self._paho_log.last_error
 
     def _handle_message(self, client, userdata, msg) -> None:
+        self._received += 1
         try:
             message = inbound_message(msg, self._status.connection, self._v5)
         except Exception:

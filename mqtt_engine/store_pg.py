@@ -21,6 +21,7 @@ from psycopg2.extensions import parse_dsn
 
 from . import schema
 from .payload import to_column
+from .session import MessageProperties
 from .store import (
     _HISTORY_INSERT_COLUMNS,
     RunnerLock,
@@ -88,41 +89,50 @@ def _copy_number(value) -> str:
     return "\\N" if value is None else str(value)
 
 
-def _copy_bool(value: bool) -> str:
-    return "t" if value else "f"
+_NO_PROPERTY_COLUMNS = "\t".join(["\\N"] * 5)  # content type … payload format, all NULL
+_last_second: tuple[int, str] = (-1, "")  # (epoch second, its text): messages share seconds
 
 
 def _copy_timestamp(epoch: float) -> str:
     """A naive UTC timestamp in COPY's text format, from epoch seconds (no datetime made)."""
+    global _last_second
     seconds = int(epoch)
-    micros = int((epoch - seconds) * 1e6)
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(seconds))}.{micros:06d}"
+    cached, text = _last_second  # one read of one tuple: safe beside other writer threads
+    if cached != seconds:
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, text)
+    return f"{text}.{int((epoch - seconds) * 1e6):06d}"
+
+
+def _property_columns(props: MessageProperties | None) -> str:
+    """Content type, response topic, correlation data, expiry, payload format: COPY text."""
+    if props is None or (
+        props.content_type is None
+        and props.response_topic is None
+        and props.correlation_data is None
+        and props.message_expiry is None
+        and props.payload_format is None
+    ):
+        return _NO_PROPERTY_COLUMNS
+    return "\t".join(
+        (
+            _copy_text(props.content_type),
+            _copy_text(props.response_topic),
+            _copy_bytes(to_column(props.correlation_data)),
+            _copy_number(props.message_expiry),
+            _copy_number(props.payload_format),
+        )
+    )
 
 
 def _core_line(row_id: int, m: StoredMessage) -> str:
     """The per-message columns of a row (``_STAGED`` order) in COPY's text format."""
-    props = m.properties
-    return "\t".join(
-        (
-            str(row_id),
-            _copy_number(m.subscription_id),
-            m.state,
-            _copy_text(m.topic),
-            _copy_bytes(m.payload),
-            _copy_text(m.payload_preview),
-            str(m.payload_size),
-            m.payload_hash,
-            str(m.qos),
-            _copy_bool(m.retain),
-            _copy_bool(m.redelivered),
-            _copy_text(m.dedup_key),
-            _copy_text(props.content_type if props else None),
-            _copy_text(props.response_topic if props else None),
-            _copy_bytes(to_column(props.correlation_data) if props else None),
-            _copy_number(props.message_expiry if props else None),
-            _copy_number(props.payload_format if props else None),
-            _copy_text(m.error),
-        )
+    return (
+        f"{row_id}\t{_copy_number(m.subscription_id)}\t{m.state}\t{_copy_text(m.topic)}\t"
+        f"{_copy_bytes(m.payload)}\t{_copy_text(m.payload_preview)}\t{m.payload_size}\t"
+        f"{m.payload_hash}\t{m.qos}\t{'t' if m.retain else 'f'}\t"
+        f"{'t' if m.redelivered else 'f'}\t{_copy_text(m.dedup_key)}\t"
+        f"{_property_columns(m.properties)}\t{_copy_text(m.error)}"
     )
 
 
