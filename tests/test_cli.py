@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -135,3 +136,27 @@ def test_run_refuses_a_bad_configuration_plainly(tmp_path):
     assert result.returncode == 2
     assert "broker 'plant', subscription #1" in result.stderr
     assert "'#'" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_bench_reports_every_figure_and_loses_nothing(pg_admin_dsn):
+    """A small benchmark run: every figure present, nothing lost or doubled (no timing judged)."""
+    result = engine(
+        "bench",
+        "--messages", "3000",
+        "--baseline-messages", "200",
+        "--rate", "500",
+        "--seconds", "1",
+        "--rounds", "2",
+        "--pg", pg_admin_dsn,
+        "--json",
+        timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["rounds"] == 2 and len(figures["per_round"]) == 2
+    for key in ("ceiling_msgs_per_s", "engine_msgs_per_s", "baseline_msgs_per_s", "peak_rss_mb"):
+        assert figures[key] > 0, key
+    assert figures["p50_ms"] is not None and figures["p99_ms"] is not None
+    assert figures["lost"] == 0 and figures["duplicates"] == 0
+    assert "median of 2 round(s)" in result.stdout
