@@ -189,7 +189,8 @@ class PostgresConnection(StoreConnection):
                     f"{core}\t{_copy_timestamp(m.received_at)}\t{batch}"
                     for core, m in zip(cores, messages, strict=True)
                 ]
-                cr.copy_expert(_COPY_HISTORY, io.StringIO("\n".join(lines) + "\n"))
+                data = "\n".join(lines) + "\n"
+                cr.copy_expert(_COPY_HISTORY, io.StringIO(data), size=len(data))  # one read
                 new_ids = ids
                 self._copy_properties(cr, ids, messages, set(ids))
             self.raw.commit()
