@@ -277,7 +277,13 @@ class PostgresLock(RunnerLock):
         self.connection = None
 
     def release(self) -> None:
-        self._drop()  # closing the session releases the advisory lock
+        """Unlock, then close. Closing alone releases the lock too, but only once the server
+        has ended the session, a moment later: a standby trying at once would still find it
+        taken."""
+        if self.connection is not None and not self.connection.closed:
+            with contextlib.suppress(psycopg2.Error), self.connection.cursor() as cr:
+                cr.execute("SELECT pg_advisory_unlock_all()")
+        self._drop()
 
 
 class PostgresStore(Store):

@@ -247,8 +247,12 @@ def test_broker_row_and_runner_row_show_the_actual_state(
     _state, subscribed_text, _error = broker_state(store)
     # QoS 2 subscriptions are asked of the broker at QoS 1 (see SubscriptionConfig.broker_qos).
     assert subscribed_text == f"{unique_topic}/x 1"
-    (role,) = rows(store, "SELECT role FROM mqtt_runner")
-    assert role == ("active",)
+    # The runner row comes with the first heartbeat, which may commit after the subscription.
+    wait_for(
+        lambda: rows(store, "SELECT role FROM mqtt_runner") == [("active",)],
+        15,
+        lambda: f"the runner row active: {rows(store, 'SELECT role, name FROM mqtt_runner')}",
+    )
 
 
 def test_unreachable_broker_is_reported_and_the_runner_keeps_going(store, runner, unique_topic):
