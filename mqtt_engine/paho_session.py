@@ -77,7 +77,9 @@ call happens on that thread: ``ack``, ``publish`` and ``set_subscriptions`` from
 only queue work and wake it. Callbacks (``on_message``, ``on_published``, ``on_state``) run on
 it; ``on_message`` may block, which is how intake slows down (while it blocks nothing is read,
 and the broker stops sending once Receive Maximum messages are unacknowledged). An exception in a
-callback is logged and never ends the thread.
+callback is logged and never ends the thread. paho reads one packet per ``loop_read()``; while
+each read brings a message the thread reads on (up to ``READ_BURST``) before it selects again
+and sends the queued acknowledgements, which halves the loop's cost per message in a flood.
 
 A watchdog sets ``status.silent`` and logs a warning when nothing arrived from the broker for
 1.5 x keepalive: paho sends PINGREQ after one keepalive period of silence and closes the
