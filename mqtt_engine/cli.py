@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -88,7 +87,7 @@ def broker_from_flags(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import Runner
+    from .runner import Runner, tune_garbage_collector
     from .standalone import ConfigError, load_file, sync_to_store
     from .store import open_store
 
@@ -131,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    _tune_garbage_collector()
+    tune_garbage_collector()
     runner.start()
     _logger.info(
         "mqtt-engine %s running (pid %d); SIGTERM or Ctrl-C stops", __version__, os.getpid()
@@ -148,19 +147,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             last = total
     runner.stop()
     return 0
-
-
-def _tune_garbage_collector() -> None:
-    """Collect cycles less often in this process, and never rescan what startup made.
-
-    Per message the engine makes a few short-lived containers, which reference counting frees;
-    CPython's default first-generation threshold (700 allocations) would still run a cycle
-    collection every hundred messages or so, rescanning whatever is queued. Measured on a
-    100,000-message flood: 0.36 s in 1,350 collections by default, 0.15-0.20 s with these.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 10, 10)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

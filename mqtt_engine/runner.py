@@ -35,6 +35,7 @@ Log lines to expect (logger ``mqtt_engine.runner``)::
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -496,3 +497,22 @@ class Runner:
     def is_active(self, name: str) -> bool:
         thread = self.databases.get(name)
         return bool(thread and thread.active)
+
+
+def tune_garbage_collector() -> None:
+    """For a process whose job is the runner: collect cycles less often, never rescan startup.
+
+    Per message the engine makes a few short-lived containers, which reference counting frees;
+    CPython's default first-generation threshold (700 allocations) still runs a cycle collection
+    every hundred messages or so, and every full collection rescans everything the process
+    loaded at startup: in a process that has loaded Odoo, pauses of 80-130 ms, which made the
+    tail of the publish-to-commit latency. Startup objects are frozen (never scanned again) and
+    collections come less often. Measured: the standalone engine spent 0.36 s in 1,350
+    collections on a 100,000-message flood by default, 0.15-0.20 s so; ``odoo-bin mqtt bench``
+    had p99 62-511 ms at 2,000 msg/s before, 29-33 ms after. Called by ``mqtt-engine run``,
+    ``odoo-bin mqtt`` and the prefork server's runner worker; never in a threaded Odoo server,
+    whose process serves requests too.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)

@@ -42,10 +42,14 @@ class Mqtt(Command):
         options, rest = own.parse_known_args(cmdargs)
         config.parser.prog = f"{Path(sys.argv[0]).name} {self.name}{' bench' if bench else ''}"
         config.parse_config(rest, setup_logging=True)
+        from mqtt_engine.runner import tune_garbage_collector
+
         from odoo.addons.mqtt_listener.server.supervisor import (
             Supervisor,
             configured_databases,
         )
+
+        tune_garbage_collector()  # this process serves the runner (or its benchmark) alone
 
         if bench:
             from odoo.addons.mqtt_listener.server.bench import run_bench

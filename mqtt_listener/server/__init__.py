@@ -124,8 +124,11 @@ class MqttRunnerWorker(odoo_server.Worker):
 
     def process_work(self):
         if self.supervisor is None:
+            from mqtt_engine.runner import tune_garbage_collector
+
             from .supervisor import Supervisor
 
+            tune_garbage_collector()  # this process serves the runner alone
             self.supervisor = Supervisor("prefork")
             self.supervisor.start_thread()
 

@@ -84,7 +84,7 @@ from mqtt_engine import __version__ as engine_version
 from mqtt_engine import bench as engine_bench
 from mqtt_engine import schema
 from mqtt_engine.payload import from_column
-from mqtt_engine.runner import Runner
+from mqtt_engine.runner import Runner, tune_garbage_collector
 from mqtt_engine.store_pg import KEEPALIVES, PostgresStore
 
 from odoo import SUPERUSER_ID, api, fields, release
@@ -200,6 +200,7 @@ class OdooBench:
     # -- preparation -----------------------------------------------------------------------
     def prepare(self) -> None:
         self.registry = Registry(self.dbname)
+        tune_garbage_collector()  # again: the registry too is never rescanned (see its doc)
         with self.env() as env:
             self._remove_leftovers(env)
             env.cr.execute("SELECT desired_state FROM mqtt_service ORDER BY id LIMIT 1")
