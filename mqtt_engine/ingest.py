@@ -71,7 +71,11 @@ class Inbox:
         )
 
     def put(self, message: InboundMessage) -> bool:
-        """Append, waiting while full; False if the inbox was closed meanwhile."""
+        """Append, waiting while full; False once the inbox is closed.
+
+        A put racing with :meth:`close` may still be accepted: it is then discarded with the
+        rest by :meth:`clear`, unacknowledged, and the broker redelivers it.
+        """
         size = len(message.payload)
         if self._closed:
             return False

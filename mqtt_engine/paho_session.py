@@ -80,7 +80,7 @@ and the broker stops sending once Receive Maximum messages are unacknowledged). 
 callback is logged and never ends the thread. paho reads one packet per ``loop_read()``; while
 each read brings a message the thread reads on (up to ``READ_BURST``) before it selects again
 and sends the queued acknowledgements: in a flood, one select() and one round of bookkeeping
-serve up to 32 messages instead of one.
+serve a run of messages instead of one.
 
 A watchdog sets ``status.silent`` and logs a warning when nothing arrived from the broker for
 1.5 x keepalive: paho sends PINGREQ after one keepalive period of silence and closes the

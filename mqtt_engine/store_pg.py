@@ -31,11 +31,16 @@ from .store import (
     utcnow,
 )
 
+# libpq options of every engine connection, so that a database that vanished without closing
+# the connection (a host gone, a partition) is noticed in seconds: TCP keepalives for an idle
+# connection, tcp_user_timeout (ms) for one waiting on an answer (a COPY, a commit, an unlock),
+# which keepalives do not cover once sent data goes unacknowledged.
 KEEPALIVES = {
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
 }
 
 # Per-message columns go through COPY into a temporary stage table; the columns every row of a
@@ -69,6 +74,7 @@ _COPY_HISTORY = (
     f"COPY mqtt_publish_signal_history ({', '.join(_STAGED)}, received_at, "
     f"{', '.join(_BATCH_COLUMNS)}) FROM STDIN"
 )
+_COPY_CHUNK = 1 << 20  # characters psycopg2 reads from the batch at a time (default 8 KiB)
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -190,7 +196,7 @@ class PostgresConnection(StoreConnection):
                     for core, m in zip(cores, messages, strict=True)
                 ]
                 data = "\n".join(lines) + "\n"
-                cr.copy_expert(_COPY_HISTORY, io.StringIO(data), size=len(data))  # one read
+                cr.copy_expert(_COPY_HISTORY, io.StringIO(data), size=_COPY_CHUNK)
                 new_ids = ids
                 self._copy_properties(cr, ids, messages, set(ids))
             self.raw.commit()
