@@ -34,7 +34,7 @@ from .store import (
 # libpq options of every engine connection, so that a database that vanished without closing
 # the connection (a host gone, a partition) is noticed in seconds: TCP keepalives for an idle
 # connection, tcp_user_timeout (ms) for one waiting on an answer (a COPY, a commit, an unlock),
-# which keepalives do not cover once sent data goes unacknowledged.
+# which keepalives do not cover once sent data goes unacknowledged. A DSN may set its own.
 KEEPALIVES = {
     "keepalives": 1,
     "keepalives_idle": 10,
@@ -302,10 +302,12 @@ class PostgresStore(Store):
         self.dsn = dsn
 
     def raw_connect(self, autocommit: bool = False):
-        # The DSN's own application_name (the addon names its connections) wins.
-        named = "application_name" in parse_dsn(self.dsn)
-        extra = {} if named else {"application_name": "mqtt_engine"}
-        connection = psycopg2.connect(self.dsn, **extra, **KEEPALIVES)
+        # What the DSN sets itself wins: its application_name (the addon names its
+        # connections), its keepalive or tcp_user_timeout settings.
+        given = parse_dsn(self.dsn)
+        defaults = {"application_name": "mqtt_engine", **KEEPALIVES}
+        extra = {key: value for key, value in defaults.items() if key not in given}
+        connection = psycopg2.connect(self.dsn, **extra)
         connection.autocommit = autocommit
         return connection
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -955,3 +956,57 @@ def test_wrong_password_is_reported_retried_slowly_and_never_logged(pg_database,
         f"\nwrong password: {attempts()} connection attempt(s) in all, "
         f"{first} before the 10 s watch"
     )
+
+
+def _iptables() -> str | None:
+    """The iptables command, when this process may use it (root, and a kernel that has it)."""
+    binary = shutil.which("iptables")
+    if binary is None or os.geteuid() != 0:
+        return None
+    probe = subprocess.run([binary, "-n", "-L", "INPUT"], capture_output=True, check=False)
+    return binary if probe.returncode == 0 else None
+
+
+@pytest.mark.timeout(150)
+def test_database_connection_gone_silent_mid_stream(pg_database, rig):
+    """The writer's connection stops getting answers (packets dropped, no reset, as when a
+    host vanishes): after the DSN's ``tcp_user_timeout`` the writer gives it up, reconnects
+    and stores on; nothing is lost or doubled, and the runner never restarts."""
+    iptables = _iptables()
+    if iptables is None:
+        pytest.skip("needs root and iptables (scripts/test installs it) to silence a connection")
+    broker = rig.broker(persistence=True)
+    db = Db(pg_database)
+    runner = rig.runner(rig.config(f"{pg_database} tcp_user_timeout=3000", broker))
+    rig.wait_subscribed(db, runner)
+    publisher = rig.publisher(broker, rate=1000)
+    wait_for(stored(db, runner, 1000), 60, "1,000 stored")
+    wait_for(lambda: len(db.engine_backends()) == 3, 30, "the engine's three connections")
+
+    # The writer opens its connection last (after the lock's and the control thread's).
+    ((writer_port,),) = db.query(
+        "SELECT client_port FROM pg_stat_activity WHERE datname = %s "
+        "AND application_name = 'mqtt_engine' AND pid NOT IN (SELECT pid FROM pg_locks "
+        "WHERE locktype = 'advisory' AND granted) ORDER BY backend_start DESC LIMIT 1",
+        (db.name,),
+    )
+    server_port = psycopg2.extensions.parse_dsn(pg_database).get("port", "5432")
+    rule = ["INPUT", "-p", "tcp", "--sport", str(server_port), "--dport", str(writer_port)]
+    rule += ["-j", "DROP"]
+    subprocess.run([iptables, "-I", *rule], check=True)
+    try:
+        wait_for(
+            lambda: runner.check_alive() and "writing to the database failed" in runner.log_text(),
+            30,
+            lambda: f"the writer to give up its silent connection:\n{runner.log_tail(10)}",
+        )
+    finally:
+        subprocess.run([iptables, "-D", *rule], check=True)
+    count = db.count()
+    wait_for(stored(db, runner, count + 500), 30, lambda: f"storing again ({db.count()} stored)")
+
+    total = drain(db, [runner], publisher, 90)
+    assert_exactly_once(db.numbers(), total)
+    assert db.count() == total
+    runner.check_alive()
+    assert runner.starts == 1
