@@ -59,6 +59,7 @@ class Inbox:
         self._closed = False
         self._wakeups = 0
         self._wanted = 0  # how many messages the waiting writer needs; 0: it does not wait
+        self._blocked = False  # the producer waits for room (it is full before a whole batch)
         self._condition = threading.Condition()
 
     def __len__(self) -> int:
@@ -82,7 +83,10 @@ class Inbox:
         if self._full(size):
             with self._condition:
                 while not self._closed and self._full(size):
+                    self._blocked = True  # a writer in its batch window takes what there is
+                    self._condition.notify_all()
                     self._condition.wait(0.5)
+                self._blocked = False
                 if self._closed:
                     return False
         self._items.append(message)
@@ -100,7 +104,11 @@ class Inbox:
             self._condition.notify_all()
 
     def take(self, max_count: int, window: float, idle: float) -> list[InboundMessage]:
-        """A batch: wait up to ``idle`` for a first message, then up to ``window`` for more."""
+        """A batch: wait up to ``idle`` for a first message, then up to ``window`` for more.
+
+        The window ends early when ``max_count`` messages are there, or when the inbox is full
+        before that (by bytes: large payloads) and the producer waits for room.
+        """
         items = self._items
         with self._condition:
             wakeups = self._wakeups
@@ -112,7 +120,7 @@ class Inbox:
                 self._wait(1, remaining)
             if items and len(items) < max_count:
                 deadline = time.monotonic() + window
-                while len(items) < max_count and not self._closed:
+                while len(items) < max_count and not self._closed and not self._blocked:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -135,7 +143,7 @@ class Inbox:
         """
         self._wanted = wanted
         try:
-            if len(self._items) < wanted:
+            if len(self._items) < wanted and not self._blocked:
                 self._condition.wait(timeout)
         finally:
             self._wanted = 0

@@ -73,6 +73,18 @@ def test_a_full_batch_ends_the_window_early():
     assert len(inbox) == 1
 
 
+def test_an_inbox_full_by_bytes_ends_the_window_early():
+    inbox = Inbox(max_messages=100, max_bytes=250)
+    assert _put_all(inbox, [_message(1, size=100), _message(2, size=100)]) == [True, True]
+    batches = _in_thread(inbox.take, 10, 120.0, 120.0)
+    wait_for(lambda: inbox._wanted == 10, what="the writer to wait for a full batch")
+    done = _in_thread(_put_all, inbox, [_message(3, size=100)])  # 300 > 250: waits for room
+    wait_for(lambda: batches, timeout=10, what="the writer to take what there is")
+    assert [m.mid for m in batches[0]] == [1, 2]
+    wait_for(lambda: done == [[True]], what="room for the third")
+    assert [m.mid for m in inbox.take(10, window=0, idle=0)] == [3]
+
+
 def test_closing_releases_a_waiting_producer_and_refuses_more():
     inbox = Inbox(max_messages=1, max_bytes=10**6)
     inbox.put(_message(1))
