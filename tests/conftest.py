@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+from mqtt_engine.runner import Runner
 from tests.mosquitto import Mosquitto
 
 RUN_ID = uuid.uuid4().hex[:8]
@@ -97,3 +98,21 @@ def store(request, tmp_path):
         result.poll_interval = 0.5
     result.create_schema()
     return result
+
+
+@pytest.fixture
+def runner():
+    """Start runners on a store (heartbeat 0.5 s, ``**options`` for Runner); all are stopped
+    after the test.
+    """
+    started: list[Runner] = []
+
+    def start(store, **options) -> Runner:
+        instance = Runner([store], heartbeat=0.5, **options)
+        instance.start()
+        started.append(instance)
+        return instance
+
+    yield start
+    for instance in started:
+        instance.stop()

@@ -23,7 +23,6 @@ from paho.mqtt.properties import Properties
 from mqtt_engine import schema
 from mqtt_engine.paho_session import PahoSession
 from mqtt_engine.payload import to_column
-from mqtt_engine.runner import Runner
 from tests.support import hold_for, wait_for
 from tests.test_runner import broker_state, configure, rows
 
@@ -41,19 +40,9 @@ def fast_reconnect_session(broker, **kwargs) -> PahoSession:
 
 
 @pytest.fixture
-def runner():
-    """Start runners (heartbeat 0.5 s, fast reconnects); all are stopped after the test."""
-    started: list[Runner] = []
-
-    def start(store) -> Runner:
-        instance = Runner([store], heartbeat=0.5, session_factory=fast_reconnect_session)
-        instance.start()
-        started.append(instance)
-        return instance
-
-    yield start
-    for instance in started:
-        instance.stop()
+def runner(runner):
+    """The shared fixture (heartbeat 0.5 s, stopped after the test), with fast reconnects."""
+    return lambda store: runner(store, session_factory=fast_reconnect_session)
 
 
 class Subscriber:

@@ -101,21 +101,6 @@ def execute(store, sql, params=()):
         connection.close()
 
 
-@pytest.fixture
-def runner():
-    started: list[Runner] = []
-
-    def start(store, **options) -> Runner:
-        instance = Runner([store], heartbeat=0.5, **options)
-        instance.start()
-        started.append(instance)
-        return instance
-
-    yield start
-    for instance in started:
-        instance.stop()
-
-
 def broker_state(store):
     found = rows(store, "SELECT state, subscribed, last_error FROM mqtt_broker_state")
     return found[0] if found else None
