@@ -215,8 +215,7 @@ class MessagePreparer:
             error = message.topic_error or "topic is not valid UTF-8"
         else:
             subscription = self._subscription_of(topic)
-        if "\x00" in topic:
-            topic = _clean_text(topic)
+        topic = _clean_text(topic)
         dedup_key = None
         if size > self.broker.max_payload_size:
             error = (

@@ -49,8 +49,6 @@ class Mqtt(Command):
             configured_databases,
         )
 
-        tune_garbage_collector()  # this process serves the runner (or its benchmark) alone
-
         if bench:
             from odoo.addons.mqtt_listener.server.bench import run_bench
 
@@ -58,6 +56,7 @@ class Mqtt(Command):
             if len(databases) != 1:
                 sys.exit("mqtt bench: give exactly one database with -d")
             sys.exit(run_bench(databases[0], options))
+        tune_garbage_collector()  # this process serves the runner alone
         supervisor = Supervisor("standalone", configured_databases() or None)
         stopping = threading.Event()
 

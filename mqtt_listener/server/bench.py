@@ -200,7 +200,9 @@ class OdooBench:
     # -- preparation -----------------------------------------------------------------------
     def prepare(self) -> None:
         self.registry = Registry(self.dbname)
-        tune_garbage_collector()  # again: the registry too is never rescanned (see its doc)
+        # As a process that serves the runner alone, once the registry is loaded: it is never
+        # rescanned either (see the function's doc).
+        tune_garbage_collector()
         with self.env() as env:
             self._remove_leftovers(env)
             env.cr.execute("SELECT desired_state FROM mqtt_service ORDER BY id LIMIT 1")
